@@ -1,0 +1,188 @@
+"""The typed config tree (YAML in, `--set a.b=c` overrides) and its loading.
+
+Sections mirror the packages: `model` (models.config), `data` (data_pipeline.config),
+`schedule` (engine.schedules); the training-side sections live here. A bad config raises
+`ConfigError` naming the field path; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_pipeline.config import DataConfig
+from engine.schedules import ScheduleConfig
+from models.config import ModelConfig
+
+STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the field path."""
+
+
+class OptimConfig(BaseModel):
+    model_config = STRICT
+
+    lr: float | Literal["auto"] = Field(3e-3, description="peak learning rate; 'auto' = Step Law (METHODS §8)")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    fused: bool | None = Field(None, description="fused AdamW kernel; None = when the device supports it")
+
+
+class TrainConfig(BaseModel):
+    model_config = STRICT
+
+    steps: int = Field(100, gt=0, description="optimizer steps in the run")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="autocast dtype; auto = bf16 on GPU, fp32 on CPU")
+    eval_every: int = Field(0, ge=0, description="steps between evals on data.val_path; 0 = only at the end")
+    eval_batches: int = Field(0, ge=0, description="val batches per eval; 0 = the whole val set")
+    run_dir: str = Field("runs/default", description="output directory of the run")
+    num_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = all cores")
+    deterministic: bool = Field(False, description="torch deterministic algorithms (CPU tests)")
+
+
+class ParallelConfig(BaseModel):
+    model_config = STRICT
+
+    dp_replicate: int = Field(1, gt=0, description="HSDP replicas (pure data parallel groups)")
+    dp_shard: int = Field(-1, description="FSDP2 shard degree; -1 = the rest of the world size")
+    tp: int = Field(1, gt=0, description="tensor-parallel degree")
+    sequence_parallel: bool = Field(False, description="TP: shard norms/residual along the sequence")
+    loss_parallel: bool = Field(False, description="TP: keep the vocab sharded through the loss")
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
+    ac_every: int = Field(2, gt=0, description="selective AC: checkpoint every k-th block")
+    compile: bool = Field(False, description="torch.compile each block")
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelConfig:
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError("dp_shard must be a positive degree or -1 (the rest of the world)")
+        return self
+
+
+class CheckpointConfig(BaseModel):
+    model_config = STRICT
+
+    every: int = Field(0, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep_last: int = Field(3, gt=0)
+    async_save: bool = False
+    save_final: bool = True
+
+
+class LoggingConfig(BaseModel):
+    model_config = STRICT
+
+    log_every: int = Field(10, gt=0, description="steps between metric records")
+    tensorboard: bool = True
+    progress: bool = True
+    peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU; None = known table")
+
+
+class LaunchConfig(BaseModel):
+    model_config = STRICT
+
+    launcher: Literal["local", "ray", "slurm"] = "local"
+    nproc: int = Field(1, gt=0, description="processes per node (local / ray workers per node)")
+
+
+class StrataConfig(BaseModel):
+    model_config = STRICT
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> StrataConfig:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{path}: {message}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b=c' -> (['a','b'], c) with c parsed as a YAML scalar (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. optim.lr=1e-3)")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return tree
+
+
+def config_from_dict(tree: dict) -> StrataConfig:
+    try:
+        return StrataConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def load_config(source: str | Path | dict | None, overrides: list[str] | None = None) -> StrataConfig:
+    """YAML path (or an already-parsed dict) + `a.b=c` overrides -> validated config."""
+    tree = {} if source is None else (dict(source) if isinstance(source, dict) else read_yaml(source))
+    tree = apply_overrides(_deep_copy(tree), overrides or [])
+    return config_from_dict(tree)
+
+
+def _deep_copy(tree: dict) -> dict:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def dump_config(cfg: StrataConfig, path: str | Path) -> None:
+    """Writes the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)

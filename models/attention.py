@@ -1,0 +1,83 @@
+"""Causal attention with optional document masking, one function over several backends.
+
+Backends: flash-attn varlen (GPU, when installed), FlexAttention (GPU), and SDPA (anywhere;
+a block-diagonal causal mask on CPU since FlexAttention has no CPU backward). Inputs are
+[B, H, T, D] with K/V possibly holding fewer (grouped) heads.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from models.packing import block_causal_mask
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func
+    except Exception:  # not installed or no CUDA build: fall back to SDPA/Flex
+        return None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal [+ same-document]) v, returned as [B, H, T, D].
+
+    `position_ids` [B, T] marks document starts where it is 0; None means one causal sequence
+    per row (the fastest path: SDPA picks flash/cuDNN kernels on GPU).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if position_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if backend in ("auto", "flash") and q.is_cuda and _flash_attn_varlen() is not None:
+        return _flash_varlen(q, k, v, position_ids)
+    if backend == "flash":
+        _warn_once("attn_backend=flash: flash-attn is not available here; using SDPA with a mask")
+    if backend in ("auto", "flex") and q.is_cuda:
+        return _flex(q, k, v, position_ids)
+    if backend == "flex" and not q.is_cuda:
+        _warn_once("attn_backend=flex has no CPU backward; using SDPA with a block-causal mask")
+    mask = block_causal_mask(position_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _flash_varlen(q, k, v, position_ids):
+    from models.packing import cu_seqlens_from_position_ids
+
+    b, h, t, d = q.shape
+    cu = cu_seqlens_from_position_ids(position_ids)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # [B*T, H, D]
+    out = _flash_attn_varlen()(flat(q), flat(k), flat(v), cu, cu, max_len, max_len, causal=True)
+    return out.reshape(b, t, h, d).transpose(1, 2)
+
+
+def _flex(q, k, v, position_ids):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.cumsum((position_ids == 0).int(), dim=1)  # [B, T] document index per token
+
+    def same_doc_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+    mask = create_block_mask(same_doc_causal, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
