@@ -55,7 +55,9 @@ INV_SQRT_COOLDOWN_A = 10.0  # METHODS.md §5: h(s) = 1 / sqrt(1 + a s) - 1
 
 def _check_boundary(value: Any) -> Any:
     if isinstance(value, bool):
-        raise ValueError("must be a number of steps (int) or a fraction of total steps (float in [0, 1])")
+        raise ValueError(
+            "must be a number of steps (int) or a fraction of total steps (float in [0, 1])"
+        )
     if isinstance(value, float) and value > 1 and not value.is_integer():
         raise ValueError(f"{value} is neither a fraction in [0, 1] nor a whole number of steps")
     if isinstance(value, int | float) and value < 0:
@@ -74,8 +76,13 @@ _FIELDS_USED: dict[str, tuple[str, ...]] = {
     "wsd": ("warmup_steps", "min_lr_ratio", "decay_steps", "decay_shape"),
     "inverse_sqrt": ("warmup_steps", "inv_sqrt_timescale"),
     "infinite": (
-        "warmup_steps", "cooldown_end", "anneal_start", "const_ratio", "min_ratio",
-        "cooldown_shape", "anneal_shape",
+        "warmup_steps",
+        "cooldown_end",
+        "anneal_start",
+        "const_ratio",
+        "min_ratio",
+        "cooldown_shape",
+        "anneal_shape",
     ),
     "rewarm": ("warmup_steps", "min_lr_ratio", "start_lr"),
 }
@@ -87,16 +94,28 @@ class _ShapeConfig(BaseModel):
     model_config = STRICT
 
     name: ScheduleName = "cosine"
-    warmup_steps: Boundary = Field(0, description="linear warmup length: steps, or fraction of total")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR / lr_max (linear, cosine, wsd, rewarm)")
+    warmup_steps: Boundary = Field(
+        0, description="linear warmup length: steps, or fraction of total"
+    )
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="final LR / lr_max (linear, cosine, wsd, rewarm)"
+    )
     # wsd
-    decay_steps: Boundary = Field(0.2, description="wsd: decay length at the end: steps, or fraction of total")
+    decay_steps: Boundary = Field(
+        0.2, description="wsd: decay length at the end: steps, or fraction of total"
+    )
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "1-sqrt"
     # inverse_sqrt
-    inv_sqrt_timescale: Boundary | None = Field(None, description="inverse_sqrt: tau; None = warmup_steps (or 1)")
+    inv_sqrt_timescale: Boundary | None = Field(
+        None, description="inverse_sqrt: tau; None = warmup_steps (or 1)"
+    )
     # infinite (METHODS.md §5)
-    cooldown_end: Boundary = Field(0.3, description="infinite: end of cooldown T_cd: steps, or fraction")
-    anneal_start: Boundary = Field(0.8, description="infinite: start of anneal T_ann: steps, or fraction")
+    cooldown_end: Boundary = Field(
+        0.3, description="infinite: end of cooldown T_cd: steps, or fraction"
+    )
+    anneal_start: Boundary = Field(
+        0.8, description="infinite: start of anneal T_ann: steps, or fraction"
+    )
     const_ratio: float = Field(0.25, gt=0, le=1, description="infinite: lr_const / lr_max")
     min_ratio: float = Field(0.01, ge=0, le=1, description="infinite: lr_min / lr_max")
     cooldown_shape: Literal["cosine", "inv_sqrt"] = "cosine"
@@ -109,26 +128,41 @@ class _ShapeConfig(BaseModel):
     @model_validator(mode="after")
     def _check_fields_used(self) -> _ShapeConfig:
         used = _FIELDS_USED[self.name]
-        unused = sorted(f for f in self.model_fields_set if f in _SHAPE_FIELDS and f not in used and f != "name")
+        unused = sorted(f for f in _changed_shape_fields(self) if f not in used and f != "name")
         if unused:
             raise ValueError(
-                f"{unused[0]}: not used by schedule name={self.name!r} "
-                f"(it reads {', '.join(used)})"
+                f"{unused[0]}: not used by schedule name={self.name!r} (it reads {', '.join(used)})"
             )
         if isinstance(self.start_lr, float) and self.start_lr < 0:
             raise ValueError(f"start_lr: must be >= 0, got {self.start_lr}")
         if self.name == "infinite" and self.anneal_shape == "exp" and self.min_ratio <= 0:
-            raise ValueError("min_ratio: must be > 0 for anneal_shape='exp' (use 'linear' to anneal to 0)")
+            raise ValueError(
+                "min_ratio: must be > 0 for anneal_shape='exp' (use 'linear' to anneal to 0)"
+            )
         return self
 
 
 _SHAPE_FIELDS = frozenset(_ShapeConfig.model_fields)
 
 
+def _changed_shape_fields(cfg: BaseModel) -> list[str]:
+    """Shape fields set to a non-default value (a full dump of the config reloads cleanly)."""
+    fields = type(cfg).model_fields
+    return [
+        f
+        for f in cfg.model_fields_set
+        if f in _SHAPE_FIELDS
+        and getattr(cfg, f) != fields[f].get_default(call_default_factory=True)
+    ]
+
+
 class PhaseConfig(_ShapeConfig):
     """One phase of a composed schedule: a shape plus its length and optional peak LR."""
 
-    steps: Boundary | None = Field(None, description="phase length: steps, or fraction of total; None = the rest (last phase only)")
+    steps: Boundary | None = Field(
+        None,
+        description="phase length: steps, or fraction of total; None = the rest (last phase only)",
+    )
     lr_max: float | None = Field(None, gt=0, description="this phase's peak LR; None = optim.lr")
 
 
@@ -141,9 +175,11 @@ class ScheduleConfig(_ShapeConfig):
     def _check_phases(self) -> ScheduleConfig:
         if not self.phases:
             return self
-        clash = sorted(f for f in self.model_fields_set if f in _SHAPE_FIELDS)
+        clash = sorted(_changed_shape_fields(self))
         if clash:
-            raise ValueError(f"{clash[0]}: set it inside a phase; with `phases` the top level takes no shape fields")
+            raise ValueError(
+                f"{clash[0]}: set it inside a phase; with `phases` the top level takes no shape fields"
+            )
         for i, phase in enumerate(self.phases[:-1]):
             if phase.steps is None:
                 raise ValueError(f"phases.{i}.steps: only the last phase may omit its length")
@@ -265,7 +301,7 @@ def _infinite(shape: _Shape, t: int) -> float:
     t_ann = resolve_boundary(c.anneal_start, shape.total)
     t_end = shape.total
     lr_const, lr_min = c.const_ratio * lr_max, c.min_ratio * lr_max
-    if t <= t_cd:  # cooldown (t > t_w here; t_cd == t_w means no cooldown)
+    if t_w < t <= t_cd:  # cooldown (t_cd == t_w: no cooldown phase)
         s = (t - t_w) / (t_cd - t_w)
         if c.cooldown_shape == "cosine":
             return lr_const + (lr_max - lr_const) / 2 * (1 + math.cos(math.pi * s))
@@ -300,7 +336,9 @@ def _build_shape(
     """Resolves boundaries and checks their order; errors name the field (`where` + name)."""
     warmup = resolve_boundary(cfg.warmup_steps, total)
     if warmup > total:
-        raise ValueError(f"{where}warmup_steps: {warmup} steps exceeds the schedule's {total} steps")
+        raise ValueError(
+            f"{where}warmup_steps: {warmup} steps exceeds the schedule's {total} steps"
+        )
     if cfg.name == "wsd":
         decay = resolve_boundary(cfg.decay_steps, total)
         if warmup + decay > total:
@@ -311,11 +349,17 @@ def _build_shape(
         t_cd = resolve_boundary(cfg.cooldown_end, total)
         t_ann = resolve_boundary(cfg.anneal_start, total)
         if t_cd < warmup:
-            raise ValueError(f"{where}cooldown_end: step {t_cd} is before the end of warmup (step {warmup})")
+            raise ValueError(
+                f"{where}cooldown_end: step {t_cd} is before the end of warmup (step {warmup})"
+            )
         if t_ann < t_cd:
-            raise ValueError(f"{where}anneal_start: step {t_ann} is before cooldown_end (step {t_cd})")
+            raise ValueError(
+                f"{where}anneal_start: step {t_ann} is before cooldown_end (step {t_cd})"
+            )
         if t_ann > total:
-            raise ValueError(f"{where}anneal_start: step {t_ann} is past the schedule's {total} steps")
+            raise ValueError(
+                f"{where}anneal_start: step {t_ann} is past the schedule's {total} steps"
+            )
     start_lr = 0.0
     if cfg.name == "rewarm":
         if cfg.start_lr == "current":
@@ -327,7 +371,9 @@ def _build_shape(
             start_lr = float(current_lr)
         else:
             start_lr = float(cfg.start_lr)
-    return _Shape(cfg=cfg, lr_max=lr_max, total=total, start_lr=start_lr, warmup=warmup, where=where)
+    return _Shape(
+        cfg=cfg, lr_max=lr_max, total=total, start_lr=start_lr, warmup=warmup, where=where
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -352,7 +398,12 @@ class Schedule:
         self._setup(cfg, lr_max, total_steps, start_step, current_lr)
 
     def _setup(
-        self, cfg: ScheduleConfig, lr_max: float, total_steps: int, start_step: int, current_lr: float | None
+        self,
+        cfg: ScheduleConfig,
+        lr_max: float,
+        total_steps: int,
+        start_step: int,
+        current_lr: float | None,
     ) -> None:
         if lr_max <= 0:
             raise ValueError(f"optim.lr: the schedule's lr_max must be > 0, got {lr_max}")
@@ -370,7 +421,14 @@ class Schedule:
     def _build_phases(self) -> list[tuple[int, _Shape]]:
         """(offset in t, shape) per phase; a plain schedule is one phase at offset 0."""
         if not self.cfg.phases:
-            return [(0, _build_shape(self.cfg, self.lr_max, self.total_steps, self.current_lr, "schedule."))]
+            return [
+                (
+                    0,
+                    _build_shape(
+                        self.cfg, self.lr_max, self.total_steps, self.current_lr, "schedule."
+                    ),
+                )
+            ]
         phases: list[tuple[int, _Shape]] = []
         offset, previous_final_lr = 0, self.current_lr
         for i, phase in enumerate(self.cfg.phases):
@@ -384,7 +442,9 @@ class Schedule:
                     f"{where}steps: phase {i} spans {length} steps from step {offset}, "
                     f"outside the schedule's {self.total_steps} steps"
                 )
-            shape = _build_shape(phase, phase.lr_max or self.lr_max, length, previous_final_lr, where)
+            shape = _build_shape(
+                phase, phase.lr_max or self.lr_max, length, previous_final_lr, where
+            )
             phases.append((offset, shape))
             offset += length
             previous_final_lr = shape.lr(length)
@@ -412,14 +472,16 @@ class Schedule:
     def describe(self) -> str:
         start = f" from step {self.start_step}" if self.start_step else ""
         parts = [
-            f"[{offset}, {offset + shape.total}) {shape.describe()}" if len(self._phases) > 1 else shape.describe()
+            f"[{offset}, {offset + shape.total}) {shape.describe()}"
+            if len(self._phases) > 1
+            else shape.describe()
             for offset, shape in self._phases
         ]
         return f"LR schedule{start}: " + "; then ".join(parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "config": self.cfg.model_dump(mode="json", exclude_unset=True),
+            "config": self.cfg.model_dump(mode="json"),
             "lr_max": self.lr_max,
             "total_steps": self.total_steps,
             "start_step": self.start_step,
