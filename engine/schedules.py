@@ -254,9 +254,14 @@ class _Shape:
         c, lr = self.cfg, self.lr_max
         t_cd = resolve_boundary(c.cooldown_end, self.total)
         t_ann = resolve_boundary(c.anneal_start, self.total)
+        anneal = (
+            "no anneal"
+            if t_ann >= self.total
+            else f"{c.anneal_shape} anneal to {c.min_ratio * lr:.3g}"
+        )
         return (
             f"{c.cooldown_shape} cooldown to {c.const_ratio * lr:.3g} by step {t_cd}, constant until "
-            f"{t_ann}, {c.anneal_shape} anneal to {c.min_ratio * lr:.3g}"
+            f"{t_ann}, {anneal}"
         )
 
     def _timescale(self) -> int:
