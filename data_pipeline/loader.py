@@ -1,0 +1,317 @@
+"""The training loader: this rank's micro-batches for each optimizer step, prepared ahead.
+
+It owns the sampler state (global integers: step, one token cursor per source), reads the
+windows the sampler picks from the ShardSets, packs them (data_pipeline/packing.py) and keeps
+`data.prefetch` steps ready in a background thread. It also provides the deterministic eval
+iterator. It does not open process groups or compute losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.packing import ShardSetReader, pack_windows, read_window
+from data_pipeline.sampler import (
+    DocumentStream,
+    FixedMixture,
+    MixtureSchedule,
+    SampleId,
+    Sampler,
+    SamplerState,
+    rank_slice,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+Batch = dict[str, torch.Tensor]
+
+
+def source_names(cfg: DataConfig) -> list[str]:
+    """Each source's label: `name`, else its directory name; must be distinct."""
+    names = [s.name or os.path.basename(os.path.normpath(s.path)) for s in cfg.sources]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"data.sources: names must be distinct, {duplicates} repeat (set `name`)")
+    return names
+
+
+class _Prefetcher:
+    """Background thread preparing steps from a starting state into a bounded queue."""
+
+    def __init__(self, loader: TrainLoader, state: SamplerState, depth: int) -> None:
+        self._loader = loader
+        self._state = state
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name="strata-loader-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            state = self._state
+            while not self._stop.is_set():
+                item = self._loader._prepare(state)
+                state = item[2]
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as error:  # handed to the consumer, raised in next_step
+            self._queue.put(error)
+
+    def get(self) -> tuple[list[Batch], list[SampleId], SamplerState]:
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError("loader prefetch thread died without a result") from None
+                continue
+            if isinstance(item, BaseException):
+                raise RuntimeError("loader prefetch failed") from item
+            return item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+class TrainLoader:
+    """Per optimizer step, this rank's `global_batch_size / world_size / micro_batch_size`
+    micro-batches; the sequence of global batches does not depend on world size or prefetch."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        rank: int,
+        world_size: int,
+        shardsets: Sequence[ShardSetReader],
+        names: Sequence[str] | None = None,
+        mixture: MixtureSchedule | None = None,
+    ) -> None:
+        if len(shardsets) == 0:
+            raise ValueError("data.sources: at least one source is needed to train")
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.shardsets = list(shardsets)
+        self._rank_slice = rank_slice(cfg.global_batch_size, rank, world_size)
+        per_rank = cfg.global_batch_size // world_size
+        if per_rank % cfg.micro_batch_size:
+            raise ValueError(
+                f"data.micro_batch_size ({cfg.micro_batch_size}) must divide the per-rank batch "
+                f"(global_batch_size {cfg.global_batch_size} / world size {world_size} = {per_rank})"
+            )
+        self.micro_batches_per_step = per_rank // cfg.micro_batch_size
+        if mixture is None:
+            mixture = FixedMixture([s.weight for s in cfg.sources] or [1.0] * len(shardsets))
+        self.sampler = Sampler(
+            [np.asarray(s.lengths) for s in self.shardsets],
+            seed=cfg.seed,
+            seq_len=cfg.seq_len,
+            global_batch_size=cfg.global_batch_size,
+            mixture=mixture,
+            names=names if names is not None else [f"source{k}" for k in range(len(shardsets))],
+        )
+        self._state = self.sampler.initial_state()
+        self._prefetcher: _Prefetcher | None = None
+        self.last_sample_ids: list[SampleId] = []
+        """This rank's samples in the last step handed out (for tests and debugging)."""
+
+    # -- producing steps -------------------------------------------------------------------
+    def _prepare(self, state: SamplerState) -> tuple[list[Batch], list[SampleId], SamplerState]:
+        samples, next_state = self.sampler.plan(state)
+        mine = samples[self._rank_slice]
+        window = self.cfg.seq_len + 1
+        tokens = np.empty((len(mine), window), dtype=np.int64)
+        starts = np.empty((len(mine), window), dtype=bool)
+        for row, sample in enumerate(mine):
+            read_window(
+                self.shardsets[sample.source], self.sampler.window(sample), tokens[row], starts[row]
+            )
+        mbs = self.cfg.micro_batch_size
+        batches = [
+            pack_windows(
+                tokens[i : i + mbs], starts[i : i + mbs], self.cfg.cross_document_attention
+            )
+            for i in range(0, len(mine), mbs)
+        ]
+        return batches, mine, next_state
+
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches for the next optimizer step (advances the state by one step)."""
+        if self.cfg.prefetch == 0:
+            batches, samples, next_state = self._prepare(self._state)
+        else:
+            if self._prefetcher is None:
+                self._prefetcher = _Prefetcher(self, self._state, self.cfg.prefetch)
+            batches, samples, next_state = self._prefetcher.get()
+        self._state = next_state
+        self.last_sample_ids = samples
+        return batches
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        while True:
+            yield self.next_step()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps handed out so far."""
+        return self._state.step
+
+    def epochs(self) -> dict[str, float]:
+        """Epochs gone through per source (fractional), for metrics."""
+        return {
+            name: self.sampler.epoch_of(k, cursor)
+            for k, (name, cursor) in enumerate(
+                zip(self.sampler.names, self._state.cursors, strict=True)
+            )
+        }
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Global integers only: the same on every rank, valid at any world size."""
+        sources = {}
+        for name, stream, cursor in zip(
+            self.sampler.names, self.sampler.streams, self._state.cursors, strict=True
+        ):
+            sources[name] = {
+                "cursor": int(cursor),
+                "epoch": int(cursor // stream.tokens_per_epoch),
+                "tokens_per_epoch": int(stream.tokens_per_epoch),
+                "n_docs": int(stream.n_docs),
+            }
+        return {
+            "version": STATE_VERSION,
+            "step": int(self._state.step),
+            "seed": int(self.cfg.seed),
+            "sources": sources,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue after the saved step. Sources are matched by name: a source new to the config
+        starts at its beginning; a saved source absent from the config is dropped (logged)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}"
+            )
+        if int(state["seed"]) != self.cfg.seed:
+            raise ValueError(
+                f"data.seed: the checkpoint was trained with seed {state['seed']}, the config says "
+                f"{self.cfg.seed}; changing it would repeat and skip documents mid-epoch"
+            )
+        saved = state["sources"]
+        cursors = []
+        for name, stream in zip(self.sampler.names, self.sampler.streams, strict=True):
+            if name not in saved:
+                log.info(
+                    "loader: source %r is new in this config; it starts at its beginning", name
+                )
+                cursors.append(0)
+                continue
+            entry = saved[name]
+            if (int(entry["tokens_per_epoch"]), int(entry["n_docs"])) != (
+                stream.tokens_per_epoch,
+                stream.n_docs,
+            ):
+                raise ValueError(
+                    f"data.sources[{name}]: the checkpoint saw {entry['n_docs']} documents / "
+                    f"{entry['tokens_per_epoch']} tokens, the ShardSet now has {stream.n_docs} / "
+                    f"{stream.tokens_per_epoch}; the data changed under the run"
+                )
+            cursors.append(int(entry["cursor"]))
+        for name in sorted(set(saved) - set(self.sampler.names)):
+            log.warning("loader: source %r of the checkpoint is not in this config; dropped", name)
+        self._stop_prefetch()
+        self._state = SamplerState(step=int(state["step"]), cursors=cursors)
+        self.last_sample_ids = []
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def _stop_prefetch(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+
+    def close(self) -> None:
+        """Stop the background thread; the state stays where the last handed-out step left it."""
+        self._stop_prefetch()
+
+    def __enter__(self) -> TrainLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_train_loader(
+    cfg: DataConfig, rank: int, world_size: int, shardsets: Sequence[ShardSetReader] | None = None
+) -> TrainLoader:
+    """The loader for rank `rank` of `world_size` data-parallel ranks; opens `cfg.sources`
+    (data_pipeline.formats.open_shardset) unless ShardSet readers are passed in."""
+    if shardsets is None:
+        from data_pipeline.formats import open_shardset
+
+        shardsets = [open_shardset(s.path, cache_dir=cfg.cache_dir) for s in cfg.sources]
+        names = source_names(cfg)
+    else:
+        if cfg.sources and len(cfg.sources) != len(shardsets):
+            raise ValueError(
+                f"data.sources lists {len(cfg.sources)} sources but {len(shardsets)} ShardSets were given"
+            )
+        names = source_names(cfg) if cfg.sources else None
+    return TrainLoader(cfg, rank, world_size, shardsets, names=names)
+
+
+def eval_batches(
+    shardset: ShardSetReader,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    cross_document_attention: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[Batch]:
+    """The first `max_batches` batches of `shardset` packed in document order (no shuffling, no
+    wrap-around): the same batches on every call. With world_size > 1, rank r gets its
+    contiguous share of each batch's rows. A set too small for one full batch gives one smaller
+    batch (rounded down to a multiple of world_size)."""
+    if seq_len <= 0 or batch_size <= 0 or max_batches < 0:
+        raise ValueError(
+            f"eval: bad seq_len={seq_len} batch_size={batch_size} max_batches={max_batches}"
+        )
+    stream = DocumentStream(
+        np.asarray(shardset.lengths), lambda epoch: np.arange(len(shardset)), name="val"
+    )
+    n_sequences = (stream.tokens_per_epoch - 1) // seq_len
+    n_batches = min(max_batches, n_sequences // batch_size)
+    if n_batches == 0 and max_batches > 0:
+        batch_size = n_sequences - n_sequences % world_size
+        n_batches = 1
+        if batch_size == 0:
+            raise ValueError(
+                f"eval: the val ShardSet has {stream.tokens_per_epoch} tokens, too few for "
+                f"{world_size} sequence(s) of seq_len {seq_len}"
+            )
+    rows = rank_slice(batch_size, rank, world_size)
+    for b in range(n_batches):
+        first = b * batch_size + rows.start
+        count = rows.stop - rows.start
+        tokens = np.empty((count, seq_len + 1), dtype=np.int64)
+        starts = np.empty((count, seq_len + 1), dtype=bool)
+        for row in range(count):
+            spans = stream.spans((first + row) * seq_len, seq_len + 1)
+            read_window(shardset, spans, tokens[row], starts[row])
+        yield pack_windows(tokens, starts, cross_document_attention)
