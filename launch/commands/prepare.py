@@ -1,0 +1,97 @@
+"""`strata prepare INPUT... --out DIR`: tokenize raw text into a resumable ShardSet.
+
+Also `strata prepare --builtin stdlib --out DIR` (train/val ShardSets + tokenizer from the
+Python standard library). Argument parsing and exit codes only; the work is data_pipeline.prepare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare",
+        help="tokenize raw text (jsonl[.gz|.zst], text dirs, parquet) into token shards",
+        description="Tokenize inputs into a ShardSet (shards + manifest.json + lengths.npy). "
+        "Every document gets an EOS. A killed run started again with the same arguments resumes "
+        "after its last committed shard and ends with byte-identical shards. Bad records are "
+        "counted by reason in the manifest, never fatal.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="JSONL (.jsonl/.jsonl.gz/.jsonl.zst), Parquet, .txt/.py/.md files or directories of them")
+    p.add_argument("--out", required=True, help="output ShardSet directory (created if missing)")
+    p.add_argument("--builtin", choices=["stdlib"],
+                   help="build the built-in corpus instead of reading INPUTs: OUT/train, OUT/val, OUT/tokenizer.json")
+    p.add_argument("--format", default="mds", choices=["mds", "wds", "megatron"],
+                   help="shard format (default mds: mosaicml-streaming)")
+    p.add_argument("--tokenizer", metavar="PATH", help="HF tokenizers tokenizer.json to encode with")
+    p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
+                   help="train a byte-level BPE with this vocab size on the inputs (builtin default 8192)")
+    p.add_argument("--eos-token", help="EOS token string (default: the first of <|endoftext|>, </s>, <eos>, ... in the vocab)")
+    p.add_argument("--text-field", default="text", help="JSON/Parquet field holding the document text (default text)")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer worker processes (default: number of cores)")
+    p.add_argument("--shard-size", default="64MB", help="approximate bytes per shard, e.g. 64MB, 512kb (default 64MB)")
+    p.add_argument("--compression", default=None,
+                   help="MDS shard compression: zstd, zstd:LEVEL, gz, br, bz2, snappy (default none)")
+    p.add_argument("--max-doc-chars", type=int, default=1_000_000,
+                   help="split longer documents into pieces of at most this many characters (0 = keep whole; default 1000000)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="--builtin: share of files held out for val")
+    p.add_argument("--max-files", type=int, default=None, help="--builtin: keep only the first N files (small demos/tests)")
+    p.add_argument("--overwrite", action="store_true", help="delete what OUT holds instead of resuming")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline.formats.writer import ResumeMismatch
+    from data_pipeline.sources import InputError
+
+    try:
+        if args.builtin:
+            return _run_builtin(args)
+        if not args.inputs:
+            raise InputError("no inputs given (or use --builtin stdlib)")
+        from data_pipeline.prepare import PrepareOptions, prepare
+
+        options = PrepareOptions(
+            format=args.format,
+            text_field=args.text_field,
+            tokenizer=args.tokenizer,
+            train_tokenizer=args.train_tokenizer,
+            eos_token=args.eos_token,
+            shard_size=args.shard_size,
+            compression=args.compression,
+            max_doc_chars=args.max_doc_chars,
+            workers=args.workers,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
+        )
+        prepare(args.inputs, args.out, options)
+    except (InputError, ResumeMismatch, PermissionError, FileNotFoundError, ValueError) as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_builtin(args: argparse.Namespace) -> int:
+    from data_pipeline.builtin import build_stdlib_corpus
+
+    if args.inputs:
+        raise ValueError("--builtin takes no INPUT arguments")
+    if args.tokenizer:
+        raise ValueError("--builtin trains its own tokenizer; use --train-tokenizer VOCAB to size it")
+    result = build_stdlib_corpus(
+        args.out,
+        vocab_size=args.train_tokenizer or 8192,
+        val_fraction=args.val_fraction,
+        format=args.format,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        max_files=args.max_files,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        print(f"builtin stdlib: train={result['train']} val={result['val']} tokenizer={result['tokenizer']}")
+    return 0
