@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,9 @@ def load_checkpoint_weights(
         model = get_spec(cfg.model.family).build(cfg.model)
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(step_dir))
+    with warnings.catch_warnings():  # reading in one process without a process group is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(step_dir))
     return state["model"], cfg.model, run_dir
 
 

@@ -177,3 +177,50 @@ def test_config_round_trip_and_name_mapping_is_a_bijection():
     assert hf_llama.from_hf(hf_llama.to_hf(state)).keys() == state.keys()
     with pytest.raises(KeyError, match="bogus"):
         hf_llama.to_hf({"bogus.weight": torch.zeros(1)})
+
+
+def test_export_command_from_a_strata_checkpoint(tmp_path, capsys):
+    """`strata export RUN --hf OUT` on a checkpoint written by the engine's Checkpointer."""
+    import argparse
+
+    from data_pipeline.tokenizer import train_byte_level_bpe
+    from engine.checkpoint import Checkpointer
+    from engine.config import StrataConfig, dump_config
+    from engine.dist import DistContext
+    from launch.commands import export as export_cmd
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = StrataConfig(
+        model=tiny_cfg(vocab_size=300, tie_embeddings=False),
+        data={"seq_len": 32},
+        train={"run_dir": str(run_dir)},
+    )
+    dump_config(cfg, run_dir / "config.yaml")
+    train_byte_level_bpe(["hello world, hello strata"] * 20, vocab_size=300).save(
+        str(run_dir / "tokenizer.json")
+    )
+    model = strata_model(cfg.model, seed=5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    Checkpointer(run_dir / "checkpoints", ctx).save(7, model, optimizer, {"tokens_seen": 0})
+
+    parser = argparse.ArgumentParser()
+    export_cmd.add_parser(parser.add_subparsers())
+    out = tmp_path / "hf"
+    args = parser.parse_args(["export", str(run_dir), "--hf", str(out), "--max-shard-size", "60KB"])
+    assert args.func(args) == 0
+    assert (out / SAFE_INDEX).is_file() and (out / "tokenizer.json").is_file()
+    assert args.func(args) == 2  # OUT exists: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().out
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.decode(tokenizer("hello strata")["input_ids"]) == "hello strata"
+    assert (
+        json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+        == tokenizer.eos_token_id
+    )
