@@ -1,0 +1,126 @@
+"""Training metrics: MFU, the JSONL + TensorBoard sinks, the live progress line, the loss plot.
+
+Kept out of the trainer loop: the loop hands over numbers, this module formats and writes
+them (rank 0 only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets (SXM parts).
+KNOWN_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "GH200": 989e12,
+}
+
+
+def device_peak_flops(device: torch.device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device for MFU, from the config override or the known table."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    for key, peak in KNOWN_PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsSink:
+    """Appends records to metrics.jsonl and TensorBoard under the run directory."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+class ProgressLine:
+    """One status line per report: step, loss, lr, throughput, MFU and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
+        self.total, self.start, self.enabled = total_steps, start_step, enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        done = step + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step - 1)
+        parts = [f"step {step + 1}/{self.total}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
+        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        if record.get("mfu") is not None:
+            parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        if "val_loss" in record:
+            parts.append(f"val {record['val_loss']:.4f}")
+        parts.append(f"ETA {format_duration(eta)}")
+        print(" | ".join(parts), file=sys.stdout, flush=True)
+
+
+def plot_metrics(metrics_path: Path, out_png: Path) -> None:
+    """loss.png: training loss (and val loss when present) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)

@@ -1,0 +1,287 @@
+"""The training loop: build model, optimizer, schedule and loader; step; eval; checkpoint.
+
+The loop stays short: metrics formatting (engine.metrics), checkpoint I/O (engine.checkpoint),
+parallelism (engine.parallel) and data order (data_pipeline) live elsewhere. The loss is the
+mean over every label token of the global batch, whatever the world size or accumulation, so
+runs at different topologies follow the same curve.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.checkpoint import Checkpointer, latest_checkpoint
+from engine.config import StrataConfig, dump_config
+from engine.dist import DistContext, all_reduce_sum
+from engine.evaluate import evaluate, token_byte_lengths
+from engine.metrics import MetricsSink, ProgressLine, device_peak_flops, plot_metrics
+from engine.optim import build_optimizer
+from engine.parallel import parallelize_model
+from engine.schedules import build_schedule
+from engine.signals import REQUEUE_EXIT_CODE, StopRequest
+from models.spec import get_spec
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    tokens_seen: int
+    final_loss: float | None
+    val: dict | None
+    tokens_per_s: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(cfg: StrataConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU unless FSDP2's mixed-precision policy already computes in bf16."""
+    import torch.distributed as dist
+
+    if device.type == "cuda" and dist.is_initialized():
+        return None
+    choice = cfg.train.dtype
+    if choice == "auto":
+        choice = "bfloat16" if device.type == "cuda" else "float32"
+    return torch.bfloat16 if choice == "bfloat16" else None
+
+
+def build_model(cfg: StrataConfig, ctx: DistContext) -> torch.nn.Module:
+    """Meta-device build, materialized on the device and initialized identically on every rank."""
+    spec = get_spec(cfg.model.family)
+    with torch.device("meta"):
+        model = spec.build(cfg.model)
+    model.to_empty(device=ctx.device)
+    torch.manual_seed(cfg.train.seed)
+    model.init_weights()
+    return parallelize_model(model, cfg.parallel, ctx)
+
+
+def find_tokenizer(cfg: StrataConfig) -> Path | None:
+    candidates = [s.path for s in cfg.data.sources] + ([cfg.data.val_path] if cfg.data.val_path else [])
+    for base in candidates:
+        for path in (Path(base) / "tokenizer.json", Path(base).parent / "tokenizer.json"):
+            if path.is_file():
+                return path
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: StrataConfig, ctx: DistContext, resume: bool = False, loader=None):
+        """`loader` defaults to the data pipeline's loader over `cfg.data` (benchmarks pass synthetic ones)."""
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.train.run_dir)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        if ctx.device.type == "cpu" and cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        seed_everything(cfg.train.seed)
+        self.model = build_model(cfg, ctx)
+        self.autocast = autocast_dtype(cfg, ctx.device)
+        self.lr_max = float(cfg.optim.lr)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.lr_max, ctx.device)
+        self.schedule = build_schedule(cfg.schedule, self.lr_max, cfg.train.steps)
+        if loader is None:
+            from data_pipeline.loader import build_train_loader
+
+            loader = build_train_loader(cfg.data, ctx.rank, ctx.world_size)
+        self.loader = loader
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last)
+        self.stop = StopRequest().install()
+        self.step, self.tokens_seen = 0, 0
+        spec = get_spec(cfg.model.family)
+        self.flops_per_token = spec.flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(ctx.device, cfg.logging.peak_flops)
+        if resume:
+            self._resume()
+        seed_everything(cfg.train.seed + 1_000_003 * self.step + ctx.rank)
+
+    # -- state -------------------------------------------------------------------------------
+    def trainer_state(self) -> dict:
+        return {
+            "tokens_seen": self.tokens_seen,
+            "schedule": self.schedule.state_dict(),
+            "loader": self.loader.state_dict(),
+            "world_size": self.ctx.world_size,
+        }
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            if self.ctx.is_main:
+                print(f"no checkpoint under {self.run_dir / 'checkpoints'}: starting from step 0", flush=True)
+            return
+        state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.loader.load_state_dict(state["loader"])
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
+
+    def save(self) -> Path:
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+
+    # -- one optimizer step -----------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
+        """Forward/backward over this rank's micro-batches; returns (loss, grad_norm, tokens)."""
+        device = self.ctx.device
+        local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        global_tokens = all_reduce_sum(local_tokens, self.ctx)
+        # FSDP averages gradients over ranks; scale so the result is the global token mean.
+        scale = self.ctx.world_size / max(global_tokens, 1)
+        z_coef = self.cfg.model.z_loss
+        loss_sum = 0.0
+        for mb in micro_batches:
+            input_ids = mb["input_ids"].to(device, non_blocking=True)
+            labels = mb["labels"].to(device, non_blocking=True)
+            position_ids = mb.get("position_ids") if not self.cfg.data.cross_document_attention else None
+            position_ids = position_ids.to(device, non_blocking=True) if position_ids is not None else None
+            with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                logits = self.model(input_ids, position_ids)
+            logits = logits.float().flatten(0, 1)
+            flat_labels = labels.flatten()
+            nll = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
+            loss = nll
+            if z_coef:
+                mask = flat_labels != -100
+                loss = loss + z_coef * (torch.logsumexp(logits[mask], dim=-1) ** 2).sum()
+            (loss * scale).backward()
+            loss_sum += nll.item()
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        lr = self.schedule(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_sum(loss_sum, self.ctx) / max(global_tokens, 1)
+        return loss, float(grad_norm), int(global_tokens)
+
+    # -- eval --------------------------------------------------------------------------------
+    def run_eval(self) -> dict | None:
+        from data_pipeline.formats import open_shardset
+        from data_pipeline.loader import eval_batches
+
+        if not self.cfg.data.val_path:
+            return None
+        shardset = open_shardset(self.cfg.data.val_path)
+        if not hasattr(self, "_token_bytes"):
+            tok = shardset.tokenizer_path or find_tokenizer(self.cfg)
+            self._token_bytes = token_byte_lengths(tok) if tok else None
+        batches = eval_batches(
+            shardset,
+            self.cfg.data.seq_len,
+            self.cfg.data.micro_batch_size,
+            self.cfg.train.eval_batches or 10**12,
+            cross_document_attention=self.cfg.data.cross_document_attention,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        return evaluate(
+            self.model,
+            batches,
+            self.ctx.device,
+            self.autocast,
+            self._token_bytes,
+            reduce=lambda v: all_reduce_sum(v, self.ctx),
+            document_masking=not self.cfg.data.cross_document_attention,
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
+        progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
+        window_tokens, window_time, window_data = 0, 0.0, 0.0
+        loss, val, exit_code = None, None, 0
+        run_start, run_tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                micro_batches = self.loader.next_step()
+                t1 = time.perf_counter()
+                loss, grad_norm, tokens = self.train_step(micro_batches)
+                if ctx.device.type == "cuda":
+                    torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                lr = self.schedule(self.step)
+                self.step += 1
+                self.tokens_seen += tokens
+                run_tokens += tokens
+                window_tokens += tokens
+                window_time += t2 - t0
+                window_data += t1 - t0
+                record = None
+                if self.step % cfg.logging.log_every == 0 or self.step == cfg.train.steps:
+                    tokens_per_s = window_tokens / max(window_time, 1e-9)
+                    record = {
+                        "step": self.step,
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_seen": self.tokens_seen,
+                        "tokens_per_s": tokens_per_s,
+                        "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
+                        "data_wait_frac": window_data / max(window_time, 1e-9),
+                        "step_time_s": window_time / max(cfg.logging.log_every, 1),
+                        "mfu": (self.flops_per_token * tokens_per_s / ctx.world_size / self.peak_flops)
+                        if self.peak_flops
+                        else None,
+                    }
+                    if ctx.device.type == "cuda":
+                        record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+                    window_tokens, window_time, window_data = 0, 0.0, 0.0
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                    val = self.run_eval()
+                    if val:
+                        record = {**(record or {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": 0.0}), **val}
+                if record is not None:
+                    if sink:
+                        sink.write(record)
+                    progress.update(self.step - 1, record)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if self._stop_agreed():
+                    self.save()
+                    if ctx.is_main:
+                        print(f"stop requested ({self.stop.signal_name}): checkpointed step {self.step}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                    exit_code = REQUEUE_EXIT_CODE
+                    break
+            if exit_code == 0:
+                val = self.run_eval()
+                if val and sink:
+                    sink.write({"step": self.step, **val})
+                if cfg.checkpoint.save_final:
+                    self.save()
+        finally:
+            self.loader.close()
+            if sink:
+                sink.close()
+                plot_metrics(sink.path, self.run_dir / "loss.png")
+        elapsed = time.perf_counter() - run_start
+        result = TrainResult(exit_code, self.step, self.tokens_seen, loss, val, run_tokens / max(elapsed, 1e-9))
+        if ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(result.__dict__, indent=1))
+        return result
+
+    def _stop_agreed(self) -> bool:
+        return all_reduce_sum(1 if self.stop.requested else 0, self.ctx) > 0

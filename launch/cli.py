@@ -1,0 +1,53 @@
+"""`strata`: the console entry point; discovers subcommands in launch/commands/.
+
+Maps config errors to exit code 2 with a one-line message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from engine.config import ConfigError
+
+DESCRIPTION = """Strata: a distributed pretraining engine for Llama-style and GLA language models.
+
+Typical flow: `strata prepare` (raw text -> token shards), `strata train CONFIG` (one machine)
+or `strata submit CONFIG --launcher ray|slurm|local` (cluster), `strata resume` (continual
+pretraining), `strata export` (Hugging Face). `strata demo` runs the whole path on the
+Python standard library's source. Run `strata COMMAND --help` for each command's options."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import launch.commands as commands
+
+    parser = argparse.ArgumentParser(
+        prog="strata", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"launch.commands.{info.name}")
+        if hasattr(module, "add_parser"):
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
