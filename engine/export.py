@@ -305,14 +305,21 @@ def load_hf_checkpoint(
     return model_cfg, adapter.from_hf(read_hf_weights(hf_dir), hf_cfg)
 
 
-def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> None:
-    """Copies an HF directory's weights into a materialized Strata model (strict: every name).
+def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> ModelConfig:
+    """Copies an HF directory's weights into a materialized Strata model; returns their ModelConfig.
 
-    Shapes must match the model's config (build it from `load_hf_checkpoint`'s ModelConfig).
-    Tensors are cast to each parameter's dtype and device.
+    Works on a plain model and on one already parallelized (FSDP2 / TP DTensors): every rank
+    reads the full tensors and keeps its shard. Strict: every name and (global) shape must
+    match; tensors are cast to each parameter's dtype.
     """
-    _, state_dict = load_hf_checkpoint(hf_dir)
-    own = model.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    model_cfg, state_dict = load_hf_checkpoint(hf_dir)
+    own = get_model_state_dict(model)
     missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
     if missing or unexpected:
         raise ValueError(
@@ -323,7 +330,11 @@ def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> None:
             raise ValueError(
                 f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
             )
-    model.load_state_dict(state_dict, strict=True)
+        state_dict[name] = tensor.to(own[name].dtype)
+    set_model_state_dict(
+        model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True)
+    )
+    return model_cfg
 
 
 def build_model_from_hf(

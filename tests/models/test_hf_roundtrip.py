@@ -224,3 +224,100 @@ def test_export_command_from_a_strata_checkpoint(tmp_path, capsys):
         json.loads((out / "generation_config.json").read_text())["eos_token_id"]
         == tokenizer.eos_token_id
     )
+
+
+def test_load_hf_into_model_gives_hf_logits(tmp_path):
+    hf, src = _random_hf_llama(tmp_path, tie=True)
+    cfg = hf_llama.model_config_from_hf(json.loads((src / "config.json").read_text()))
+    model = strata_model(cfg, seed=9)  # different weights until the load
+    assert load_hf_into_model(model, src) == cfg
+    ids = torch.randint(0, 112, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(ids) - hf_logits(hf, ids)).abs().max().item() < TOL
+
+
+def test_import_hf_command_starts_a_run_from_hf_weights(tmp_path, capsys):
+    """`strata import-hf HF CONFIG`: step-0 checkpoint == HF weights, then trains and resumes."""
+    import argparse
+
+    import yaml
+
+    from data_pipeline.prepare import PrepareOptions, prepare
+    from engine.checkpoint import resolve_checkpoint
+    from engine.export import export_hf
+    from launch.commands import import_hf
+
+    texts = [
+        f"document {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(60)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    prepare(
+        [str(tmp_path / "in.jsonl")],
+        tmp_path / "shards",
+        PrepareOptions(train_tokenizer=300, workers=1, progress=False),
+    )
+    vocab = 300  # the trained tokenizer has at most this many ids
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"attn_backend": "sdpa", "max_seq_len": 32},
+                "data": {
+                    "sources": [{"path": str(tmp_path / "shards")}],
+                    "seq_len": 32,
+                    "global_batch_size": 4,
+                    "micro_batch_size": 2,
+                    "prefetch": 0,
+                },
+                "optim": {"lr": 1e-3},
+                "schedule": {"name": "constant"},
+                "train": {"steps": 2, "device": "cpu", "run_dir": str(run_dir)},
+                "checkpoint": {"keep_last": 5},
+                "logging": {"tensorboard": False, "progress": False},
+            }
+        )
+    )
+    parser = argparse.ArgumentParser()
+    import_hf.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["import-hf", str(tmp_path / "hf"), str(config)])
+    assert args.func(args) == 0
+    assert json.loads((run_dir / "imported_from.json").read_text())["hf_dir"].endswith("hf")
+
+    step0 = resolve_checkpoint(run_dir / "checkpoints" / "step_00000000")
+    export_hf(step0, tmp_path / "back")
+    original, back = read_hf_weights(tmp_path / "hf"), read_hf_weights(tmp_path / "back")
+    for name, tensor in original.items():
+        assert torch.equal(tensor, back[name]), name
+    assert resolve_checkpoint(run_dir).name == "step_00000002"  # it trained
+    assert args.func(args) == 2  # a second import into the same run is refused
+    assert "--resume" in capsys.readouterr().out
+
+    clash = parser.parse_args(
+        [
+            "import-hf",
+            str(tmp_path / "hf"),
+            str(config),
+            "--set",
+            "model.dim=64",
+            "--run-dir",
+            str(tmp_path / "other"),
+        ]
+    )
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.dim"):
+        clash.func(clash)
