@@ -9,7 +9,6 @@ unsupported file type is an error (raised before any work starts).
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import zlib
@@ -116,15 +115,42 @@ class ReadProgress:
         return self.done_bytes
 
 
+def _zstd_lines(raw: Any) -> Iterator[bytes]:
+    """Lines of a (multi-frame) zstd stream; EOFError if the last frame is cut short.
+
+    zstandard's stream_reader ends quietly on a truncated frame, so frames are tracked here.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    frame = dctx.decompressobj()
+    frame_has_data = False
+    pending = b""
+    while chunk := raw.read(1 << 20):
+        while chunk:
+            frame_has_data = True
+            pending += frame.decompress(chunk)
+            if frame.eof:
+                chunk = frame.unused_data
+                frame = dctx.decompressobj()
+                frame_has_data = False
+            else:
+                chunk = b""
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if frame_has_data:
+        raise EOFError("zstd stream ended inside a frame")
+    if pending:
+        yield pending
+
+
 def _open_binary_lines(path: Path, raw: Any) -> Any:
     name = path.name.lower()
     if name.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith((".zst", ".zstd")):
-        import zstandard
-
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        return io.BufferedReader(reader)
+        return _zstd_lines(raw)
     return raw
 
 
@@ -225,8 +251,8 @@ def extract_text(kind: str, payload: Any, text_field: str) -> tuple[str | None, 
         value = payload
     else:
         value = payload
-        if value is None:
-            return None, "missing_text_field"
+    if value is None:
+        return None, "missing_text_field"
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
