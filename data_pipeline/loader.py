@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.packing import ShardSetReader, pack_windows, read_window
+from data_pipeline.packing import IGNORE_INDEX, ShardSetReader, pack_windows, read_window
 from data_pipeline.sampler import (
     DocumentStream,
     FixedMixture,
@@ -284,34 +284,32 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[Batch]:
-    """The first `max_batches` batches of `shardset` packed in document order (no shuffling, no
-    wrap-around): the same batches on every call. With world_size > 1, rank r gets its
-    contiguous share of each batch's rows. A set too small for one full batch gives one smaller
-    batch (rounded down to a multiple of world_size)."""
-    if seq_len <= 0 or batch_size <= 0 or max_batches < 0:
+    """The first `max_batches` batches of `shardset` packed in document order: sequence i is
+    stream tokens [i*seq_len, (i+1)*seq_len + 1), no shuffling, no wrap-around, the last batch
+    may be short. The same sequences whatever the world size: rank r of W gets its contiguous
+    share of each batch's rows, padded to ceil(rows / W) with rows whose labels are all -100
+    (so every rank runs the same number of forwards of the same shape and scores nothing twice).
+    """
+    if seq_len <= 0 or batch_size <= 0 or max_batches < 0 or not 0 <= rank < world_size:
         raise ValueError(
-            f"eval: bad seq_len={seq_len} batch_size={batch_size} max_batches={max_batches}"
+            f"eval: bad seq_len={seq_len} batch_size={batch_size} max_batches={max_batches} "
+            f"rank={rank} world_size={world_size}"
         )
     stream = DocumentStream(
         np.asarray(shardset.lengths), lambda epoch: np.arange(len(shardset)), name="val"
     )
-    n_sequences = (stream.tokens_per_epoch - 1) // seq_len
-    n_batches = min(max_batches, n_sequences // batch_size)
-    if n_batches == 0 and max_batches > 0:
-        batch_size = n_sequences - n_sequences % world_size
-        n_batches = 1
-        if batch_size == 0:
-            raise ValueError(
-                f"eval: the val ShardSet has {stream.tokens_per_epoch} tokens, too few for "
-                f"{world_size} sequence(s) of seq_len {seq_len}"
+    n_sequences = min((stream.tokens_per_epoch - 1) // seq_len, max_batches * batch_size)
+    for first in range(0, n_sequences, batch_size):
+        rows = min(batch_size, n_sequences - first)
+        per_rank = -(-rows // world_size)
+        mine = range(first + rank * per_rank, first + min((rank + 1) * per_rank, rows))
+        tokens = np.empty((per_rank, seq_len + 1), dtype=np.int64)
+        starts = np.empty((per_rank, seq_len + 1), dtype=bool)
+        for row in range(per_rank):
+            sequence = mine[row] if row < len(mine) else first  # padding: any real row
+            read_window(
+                shardset, stream.spans(sequence * seq_len, seq_len + 1), tokens[row], starts[row]
             )
-    rows = rank_slice(batch_size, rank, world_size)
-    for b in range(n_batches):
-        first = b * batch_size + rows.start
-        count = rows.stop - rows.start
-        tokens = np.empty((count, seq_len + 1), dtype=np.int64)
-        starts = np.empty((count, seq_len + 1), dtype=bool)
-        for row in range(count):
-            spans = stream.spans((first + row) * seq_len, seq_len + 1)
-            read_window(shardset, spans, tokens[row], starts[row])
-        yield pack_windows(tokens, starts, cross_document_attention)
+        batch = pack_windows(tokens, starts, cross_document_attention)
+        batch["labels"][len(mine) :] = IGNORE_INDEX
+        yield batch

@@ -207,6 +207,21 @@ def test_eval_batches_are_deterministic_in_document_order(fake_shardset):
 
 
 def test_eval_batches_stop_at_the_end_of_the_set(fake_shardset):
-    shardset = fake_shardset([5] * 4)  # 20 tokens: 2 sequences of 8 (+1 label token)
-    batches = list(eval_batches(shardset, seq_len=8, batch_size=4, max_batches=10))
-    assert len(batches) == 1 and batches[0]["input_ids"].shape == (2, 8)
+    shardset = fake_shardset([5] * 8)  # 40 tokens: 4 sequences of 8 (+1 label token)
+    batches = list(eval_batches(shardset, seq_len=8, batch_size=3, max_batches=10))
+    assert [b["input_ids"].shape for b in batches] == [(3, 8), (1, 8)]
+    # stream token 24 is the EOS of document 4, then document 5 (body ids 21..24)
+    assert batches[1]["input_ids"][0, :3].tolist() == [0, 21, 22]
+
+
+def test_eval_batches_pad_uneven_rank_shares_with_unscored_rows(fake_shardset):
+    shardset = fake_shardset([5] * 40)
+    whole = list(eval_batches(shardset, seq_len=8, batch_size=3, max_batches=2))
+    shares = [list(eval_batches(shardset, 8, 3, 2, rank=r, world_size=2)) for r in range(2)]
+    for b in range(2):
+        assert [s[b]["input_ids"].shape[0] for s in shares] == [2, 2]
+        assert (shares[1][b]["labels"][1] == -100).all()  # the padding row scores nothing
+        real = torch.cat([shares[0][b]["input_ids"], shares[1][b]["input_ids"][:1]])
+        assert torch.equal(real, whole[b]["input_ids"])
+        scored = sum(int((s[b]["labels"] != -100).sum()) for s in shares)
+        assert scored == int((whole[b]["labels"] != -100).sum())
