@@ -64,14 +64,17 @@ class _Prefetcher:
             while not self._stop.is_set():
                 item = self._loader._prepare(state)
                 state = item[2]
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(item)
         except BaseException as error:  # handed to the consumer, raised in next_step
-            self._queue.put(error)
+            self._put(error)
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def get(self) -> tuple[list[Batch], list[SampleId], SamplerState]:
         while True:

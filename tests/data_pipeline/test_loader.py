@@ -225,3 +225,24 @@ def test_eval_batches_pad_uneven_rank_shares_with_unscored_rows(fake_shardset):
         assert torch.equal(real, whole[b]["input_ids"])
         scored = sum(int((s[b]["labels"] != -100).sum()) for s in shares)
         assert scored == int((whole[b]["labels"] != -100).sum())
+
+
+def test_a_read_error_in_the_prefetch_thread_reaches_the_caller(fake_shardset):
+    class Broken(fake_shardset):
+        def get(self, doc_id):
+            raise OSError(f"shard for document {doc_id} is unreadable")
+
+    loader = build_train_loader(_config(prefetch=2), 0, 1, [Broken([9] * 20)])
+    with pytest.raises(RuntimeError, match="prefetch failed") as info:
+        loader.next_step()
+    assert isinstance(info.value.__cause__, OSError)
+    loader.close()
+
+
+def test_close_stops_a_prefetch_thread_blocked_on_a_full_queue(random_shardset):
+    loader = build_train_loader(_config(prefetch=1), 0, 1, [random_shardset(30, seed=0)])
+    loader.next_step()
+    thread = loader._prefetcher._thread
+    loader.close()
+    assert not thread.is_alive()
+    assert loader.state_dict()["step"] == 1
