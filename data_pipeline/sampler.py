@@ -177,6 +177,8 @@ class Sampler:
             raise ValueError(
                 f"seq_len and global_batch_size must be > 0, got {seq_len}, {global_batch_size}"
             )
+        if seed < 0:
+            raise ValueError(f"data.seed must be >= 0 (numpy seed sequences), got {seed}")
         self.names = (
             list(names) if names is not None else [f"source{k}" for k in range(len(lengths))]
         )
@@ -200,6 +202,10 @@ class Sampler:
         if weights.shape != (len(self.streams),):
             raise ValueError(
                 f"mixture gives {weights.shape} weights at step {step}, want {len(self.streams)}"
+            )
+        if not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(
+                f"mixture weights at step {step} must be finite, >= 0, not all 0: {weights}"
             )
         return weights
 

@@ -134,3 +134,18 @@ def test_mixture_weights_are_validated():
     with pytest.raises(ValueError):
         FixedMixture([1.0, -1.0])
     np.testing.assert_allclose(FixedMixture([3, 1]).weights_at(10), [0.75, 0.25])
+
+
+def test_negative_seed_and_bad_scheduled_weights_are_rejected():
+    with pytest.raises(ValueError, match="data.seed"):
+        Sampler([np.full(3, 4)], seed=-1, seq_len=4, global_batch_size=2, mixture=FixedMixture([1]))
+
+    class AllZero:
+        def weights_at(self, step):
+            return np.zeros(2)
+
+    sampler = Sampler(
+        [np.full(3, 4)] * 2, seed=0, seq_len=4, global_batch_size=2, mixture=AllZero()
+    )
+    with pytest.raises(ValueError, match="step 0"):
+        sampler.plan(sampler.initial_state())
