@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -141,10 +142,18 @@ class DocumentEncoder:
 _WORKER_ENCODER: DocumentEncoder | None = None  # one per worker process, set by the initializer
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """A SIGKILLed parent cannot stop its pool; workers notice being orphaned and leave."""
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 def _init_worker(*encoder_args: Any) -> None:
     global _WORKER_ENCODER
     # each worker is one core; rayon threads inside every worker would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER_ENCODER = DocumentEncoder(*encoder_args)
 
 

@@ -1,0 +1,116 @@
+"""Acceptance: `prepare` SIGKILLed at several points, rerun with the same arguments, ends with
+byte-identical shards and manifest to an uninterrupted run, without redoing committed shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prepare_testing import corpus_texts, make_tokenizer, output_files, write_jsonl
+
+from data_pipeline.formats.writer import STATE_DIR, STATE_FILE
+from data_pipeline.prepare import PrepareOptions, prepare
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Runs prepare in a child process. FAULT=commit:K kills the process (SIGKILL, from inside) in the
+# window after shard K's files were moved into place but before the state recorded them;
+# FAULT=finish kills it after the index and lengths.npy were written but before the manifest.
+DRIVER = """
+import os, signal, sys
+from data_pipeline.formats import writer as w
+from data_pipeline.prepare import PrepareOptions, prepare
+
+fault = os.environ.get("FAULT", "")
+if fault.startswith("commit:"):
+    target = int(fault.split(":")[1])
+    original = w.ShardSetWriter._save_state
+    def save_state(self):
+        if len(self.shards) == target + 1 and not self.finished:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self)
+    w.ShardSetWriter._save_state = save_state
+elif fault == "finish":
+    original_finish = w.ShardSetWriter.finish
+    def finish(self):
+        lengths = original_finish(self)
+        os.kill(os.getpid(), signal.SIGKILL)
+    w.ShardSetWriter.finish = finish
+
+inputs, out, tokenizer, fmt = sys.argv[1:5]
+prepare(inputs.split(","), out, PrepareOptions(format=fmt, tokenizer=tokenizer, shard_size="6kb",
+                                               workers=2, progress=False))
+"""
+
+
+def start(args: list[str], fault: str = "") -> subprocess.Popen:
+    env = {**os.environ, "FAULT": fault, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def committed_shards(out: Path) -> int:
+    try:
+        return len(json.loads((out / STATE_DIR / STATE_FILE).read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def kill_when(proc: subprocess.Popen, out: Path, min_shards: int, timeout: float = 120) -> int:
+    """SIGKILL `proc` from outside once `min_shards` shards are committed; return that count."""
+    deadline = time.monotonic() + timeout
+    while committed_shards(out) < min_shards:
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return committed_shards(out)
+
+
+def shard_mtimes(out: Path) -> dict[str, int]:
+    state = json.loads((out / STATE_DIR / STATE_FILE).read_text())
+    return {name: (out / name).stat().st_mtime_ns for s in state["shards"] for name in s["files"]}
+
+
+def test_sigkill_at_several_points_then_resume_is_byte_identical(tmp_path):
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    texts = corpus_texts(3000, seed=1)
+    half = len(texts) // 2
+    inputs = [write_jsonl(tmp_path / "a.jsonl", texts[:half]),
+              write_jsonl(tmp_path / "b.jsonl", texts[half:])]
+    with open(tmp_path / "b.jsonl", "ab") as fh:  # rejected records must be counted once
+        fh.write(b"not json\n" + b'{"text": "  "}\n')
+    args = lambda out: [",".join(map(str, inputs)), str(out), str(tokenizer), "mds"]  # noqa: E731
+
+    reference = tmp_path / "reference"  # uninterrupted, in this process (same arguments)
+    prepare(inputs, reference, PrepareOptions(tokenizer=str(tokenizer), shard_size="6kb",
+                                              workers=2, progress=False))
+    expected = output_files(reference)
+    total_shards = committed_shards(reference)
+    assert total_shards >= 40
+
+    out = tmp_path / "resumed"
+    # 1) killed inside a commit: shard 2's files are in place, the state does not know yet
+    assert start(args(out), fault="commit:2").wait() == -signal.SIGKILL
+    assert committed_shards(out) == 2
+    # 2) killed from outside while running, a third of the way in
+    reached = kill_when(start(args(out)), out, total_shards // 3)
+    assert total_shards // 3 <= reached < total_shards
+    # 3) killed after the last shard, before the manifest
+    assert start(args(out), fault="finish").wait() == -signal.SIGKILL
+    assert committed_shards(out) == total_shards and not (out / "manifest.json").exists()
+    before = shard_mtimes(out)
+    # 4) the last run finishes the job without rewriting any committed shard
+    assert start(args(out)).wait() == 0
+    assert shard_mtimes(out) == before
+    assert output_files(out) == expected  # every shard, index, lengths.npy and manifest.json
+
+    manifest = json.loads(expected["manifest.json"])
+    assert manifest["counts"]["documents"] == len(texts)
+    assert manifest["rejected"] == {"invalid_json": 1, "empty_document": 1}
