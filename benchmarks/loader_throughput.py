@@ -180,14 +180,11 @@ def main() -> int:
                 data_dir, max_tokens, args.seq_len, args.batch, 4
             ),
         }
-        rows = {}
-        for name, run in runs.items():
-            best = None
-            for _ in range(args.repeats):
+        rows = dict.fromkeys(runs, 0.0)
+        for _ in range(args.repeats):  # rows interleaved, so machine load hits them alike
+            for name, run in runs.items():
                 tokens, seconds = run()
-                rate = tokens / seconds
-                best = rate if best is None else max(best, rate)
-            rows[name] = best
+                rows[name] = max(rows[name], tokens / seconds)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
