@@ -21,7 +21,9 @@ __all__ = ["BACKENDS", "gla", "gla_step", "resolve_backend"]
 def resolve_backend(backend: str, device: torch.device) -> str:
     """`auto` -> `triton` on CUDA, `torch` elsewhere; other names pass through after a check."""
     if backend not in BACKENDS:
-        raise ValueError(f"model.gla_backend: unknown GLA backend {backend!r} (choose from {BACKENDS})")
+        raise ValueError(
+            f"model.gla_backend: unknown GLA backend {backend!r} (choose from {BACKENDS})"
+        )
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend

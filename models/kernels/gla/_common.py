@@ -32,7 +32,9 @@ def check_inputs(
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or log_g.dim() != 4:
         raise ValueError("gla: q, k, v, log_g must be 4-D [B, T, H, D]")
     if k.shape != q.shape or log_g.shape != q.shape:
-        raise ValueError(f"gla: q {tuple(q.shape)}, k {tuple(k.shape)}, log_g {tuple(log_g.shape)} must match")
+        raise ValueError(
+            f"gla: q {tuple(q.shape)}, k {tuple(k.shape)}, log_g {tuple(log_g.shape)} must match"
+        )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"gla: v {tuple(v.shape)} must share [B, T, H] with q {tuple(q.shape)}")
     batch, _, heads, key_dim = q.shape
@@ -47,7 +49,9 @@ def check_inputs(
     if initial_state is not None:
         expected = (n_seqs, heads, key_dim, v.shape[-1])
         if tuple(initial_state.shape) != expected:
-            raise ValueError(f"gla: initial_state must be {expected}, got {tuple(initial_state.shape)}")
+            raise ValueError(
+                f"gla: initial_state must be {expected}, got {tuple(initial_state.shape)}"
+            )
     return n_seqs
 
 

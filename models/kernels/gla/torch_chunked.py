@@ -32,7 +32,11 @@ class _ChunkLayout:
             slots.append(torch.where(token < end, token, n_tokens))  # n_tokens = the zero row
             chunk_seq += [n] * n_chunks
             chunk_pos += list(range(n_chunks))
-        self.slot_token = torch.cat(slots).to(device) if slots else torch.zeros(0, dtype=torch.long, device=device)
+        self.slot_token = (
+            torch.cat(slots).to(device)
+            if slots
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
         self.valid = self.slot_token < n_tokens
         self.chunk_seq = torch.tensor(chunk_seq, dtype=torch.long, device=device)
         self.chunk_pos = torch.tensor(chunk_pos, dtype=torch.long, device=device)
@@ -40,7 +44,9 @@ class _ChunkLayout:
         max_chunks = max(chunk_pos, default=-1) + 1
         # table[n, j] = id of the j-th chunk of sequence n, -1 past its end
         table = torch.full((len(bounds), max_chunks), -1, dtype=torch.long)
-        table[torch.tensor(chunk_seq, dtype=torch.long), torch.tensor(chunk_pos, dtype=torch.long)] = torch.arange(self.n_chunks)
+        table[
+            torch.tensor(chunk_seq, dtype=torch.long), torch.tensor(chunk_pos, dtype=torch.long)
+        ] = torch.arange(self.n_chunks)
         self.table = table.to(device)
 
     def gather(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -70,7 +76,9 @@ def _intra_chunk(q, k, v, G, scale):
     q_ref = qs * torch.exp(Gs - G_ref[:, :, :, None])
     col = torch.arange(c, device=q.device)
     before_block = col[None, :] < (torch.arange(s, device=q.device) * SUB_CHUNK)[:, None]  # [s, C]
-    k_exp = torch.where(before_block[None, None, :, :, None], G_ref[:, :, :, None] - G[:, :, None], float("-inf"))
+    k_exp = torch.where(
+        before_block[None, None, :, :, None], G_ref[:, :, :, None] - G[:, :, None], float("-inf")
+    )
     k_ref = k[:, :, None] * torch.exp(k_exp)  # [n,h,s,C,K]
     a_off = torch.einsum("nhsik,nhsjk->nhsij", q_ref, k_ref)
     # Diagonal sub-blocks: exp(G_i - G_j) element-wise, in log space, masked to j <= i.

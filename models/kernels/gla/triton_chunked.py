@@ -33,24 +33,41 @@ def _chunk_of(cu_seqlens, chunk_info, i_c):
     """Sequence, chunk index within it, first token and length of global chunk i_c."""
     i_n = tl.load(chunk_info + i_c * 2)
     i_t = tl.load(chunk_info + i_c * 2 + 1)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    return i_n, i_t, bos, eos - bos
+    start = tl.load(cu_seqlens + i_n)
+    seq_len = tl.load(cu_seqlens + i_n + 1) - start
+    return i_n, i_t, start.to(tl.int64), seq_len
 
 
 @triton.jit
 def _state_fwd(
-    k, v, g, h, h0, ht, cu_seqlens, chunk_offsets,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_H0: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    k,
+    v,
+    g,
+    h,
+    h0,
+    ht,
+    cu_seqlens,
+    chunk_offsets,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_H0: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # fmt: off
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    seq_len = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    k += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    h += (c0 * H + i_h) * K * V
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -60,13 +77,13 @@ def _state_fwd(
     if USE_H0:
         b_h += tl.load(h0 + i_nh * K * V + p_kv, mask=m_kv, other=0).to(ACC)
     for i_t in range(tl.cdiv(seq_len, BT)):
-        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
-        tok = bos + i_t * BT + o_t
-        m_t = (i_t * BT + o_t) < seq_len
+        tl.store(h + i_t * H * K * V + p_kv, b_h.to(h.dtype.element_ty), mask=m_kv)
+        row = i_t * BT + o_t
+        m_t = row < seq_len
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0)
-        b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(ACC)
-        b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0)
+        b_k = tl.load(k + row[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0)
+        b_g = tl.load(g + row[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        b_v = tl.load(v + row[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0)
         b_G = tl.cumsum(b_g, axis=0)
         b_G_last = tl.sum(b_g, axis=0)  # padded rows carry log_g = 0
         b_kd = (b_k.to(ACC) * tl.exp(b_G_last[None, :] - b_G)).to(b_v.dtype)
@@ -77,22 +94,41 @@ def _state_fwd(
 
 @triton.jit
 def _output_fwd(
-    q, k, v, g, h, o, cu_seqlens, chunk_info, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    h,
+    o,
+    cu_seqlens,
+    chunk_info,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # fmt: off
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_t, bos, seq_len = _chunk_of(cu_seqlens, chunk_info, i_c)
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    o += (bos * H + i_h) * V
+    p_hc = h + (i_c.to(tl.int64) * H + i_h) * K * V
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     row_f = i_t * BT + o_t  # rows of the chunk within the sequence
     m_f = row_f < seq_len
-    p_hc = h + (i_c.to(tl.int64) * H + i_h) * K * V
-    b_vf = tl.load(v + ((bos + row_f)[:, None] * H + i_h) * V + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
+    b_vf = tl.load(v + row_f[:, None] * (H * V) + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
     for i_s in tl.static_range(BT // BC):
         row_s = i_t * BT + i_s * BC + o_c
         m_s = row_s < seq_len
@@ -103,49 +139,72 @@ def _output_fwd(
             for i_k in range(tl.cdiv(K, BK)):
                 o_k = i_k * BK + tl.arange(0, BK)
                 m_k = o_k < K
-                b_gf = tl.load(g + ((bos + row_f)[:, None] * H + i_h) * K + o_k[None, :], mask=m_f[:, None] & m_k[None, :], other=0).to(ACC)
-                b_q = tl.load(q + ((bos + row_s)[:, None] * H + i_h) * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0)
-                b_gs = tl.load(g + ((bos + row_s)[:, None] * H + i_h) * K + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0).to(ACC)
+                b_gf = tl.load(g + row_f[:, None] * (H * K) + o_k[None, :], mask=m_f[:, None] & m_k[None, :], other=0).to(ACC)
+                b_q = tl.load(q + row_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0)
+                b_gs = tl.load(g + row_s[:, None] * (H * K) + o_k[None, :], mask=m_s[:, None] & m_k[None, :], other=0).to(ACC)
                 # G at the last token before this sub-block (0 at the chunk start)
                 b_g_ref = tl.sum(tl.where((o_t < i_s * BC)[:, None], b_gf, 0), axis=0)
-                b_Gs = b_g_ref[None, :] + tl.cumsum(b_gs, axis=0)
+                b_Gl = tl.cumsum(b_gs, axis=0)  # G within the sub-block
+                b_Gs = b_g_ref[None, :] + b_Gl
                 b_qf32 = b_q.to(ACC)
                 b_h = tl.load(p_hc + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
                 b_o += tl.dot((b_qf32 * tl.exp(b_Gs)).to(b_q.dtype), b_h.to(b_q.dtype), input_precision=PREC, out_dtype=ACC)
                 if i_s > 0:
                     b_Gf = tl.cumsum(b_gf, axis=0)
-                    b_kf = tl.load(k + ((bos + row_f)[:, None] * H + i_h) * K + o_k[None, :], mask=m_f[:, None] & m_k[None, :], other=0)
+                    b_kf = tl.load(k + row_f[:, None] * (H * K) + o_k[None, :], mask=m_f[:, None] & m_k[None, :], other=0)
                     b_q_ref = (b_qf32 * tl.exp(b_Gs - b_g_ref[None, :])).to(b_q.dtype)
                     before = (o_t < i_s * BC)[:, None]
                     b_k_ref = (b_kf.to(ACC) * tl.exp(tl.where(before, b_g_ref[None, :] - b_Gf, float("-inf")))).to(b_q.dtype)
                     b_a_off += tl.dot(b_q_ref, tl.trans(b_k_ref), input_precision=PREC, out_dtype=ACC)
+                b_Gj = tl.zeros([BK], dtype=ACC)
                 for j in range(BC):
-                    b_kj = tl.load(k + ((bos + i_t * BT + i_s * BC + j) * H + i_h) * K + o_k, mask=m_k & (i_t * BT + i_s * BC + j < seq_len), other=0).to(ACC)
-                    b_Gj = tl.sum(tl.where((o_c == j)[:, None], b_Gs, 0), axis=0)
-                    b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gs - b_Gj[None, :], float("-inf")))
+                    p_j = (i_t * BT + i_s * BC + j) * (H * K) + o_k
+                    m_j = m_k & (i_t * BT + i_s * BC + j < seq_len)
+                    b_kj = tl.load(k + p_j, mask=m_j, other=0).to(ACC)
+                    b_Gj += tl.load(g + p_j, mask=m_j, other=0).to(ACC)
+                    b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gl - b_Gj[None, :], float("-inf")))
                     b_col = tl.sum(b_qf32 * b_kj[None, :] * b_e, axis=1)
                     b_a_diag += tl.where((o_c == j)[None, :], b_col[:, None], 0)
-            b_vs = tl.load(v + ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0)
+            b_vs = tl.load(v + row_s[:, None] * (H * V) + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0)
             b_o += tl.dot(b_a_diag.to(b_vs.dtype), b_vs, input_precision=PREC, out_dtype=ACC)
             if i_s > 0:
                 b_o += tl.dot(b_a_off.to(b_vs.dtype), b_vf, input_precision=PREC, out_dtype=ACC)
-            tl.store(o + ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_s[:, None] & m_v[None, :])
+            tl.store(o + row_s[:, None] * (H * V) + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_s[:, None] & m_v[None, :])
     # fmt: on
 
 
 @triton.jit
 def _dstate_bwd(
-    q, g, do, dh, dht, dh0, cu_seqlens, chunk_offsets, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    q,
+    g,
+    do,
+    dh,
+    dht,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # fmt: off
     i_v, i_k, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    seq_len = tl.load(cu_seqlens + i_n + 1) - tl.load(cu_seqlens + i_n)
     c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    q += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+    dh += (c0 * H + i_h) * K * V
     n_chunks = tl.cdiv(seq_len, BT)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -157,13 +216,13 @@ def _dstate_bwd(
         b_dh += tl.load(dht + i_nh * K * V + p_kv, mask=m_kv, other=0).to(ACC)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
-        tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
-        tok = bos + i_t * BT + o_t
-        m_t = (i_t * BT + o_t) < seq_len
+        tl.store(dh + i_t * H * K * V + p_kv, b_dh.to(dh.dtype.element_ty), mask=m_kv)
+        row = i_t * BT + o_t
+        m_t = row < seq_len
         m_tk = m_t[:, None] & (o_k < K)[None, :]
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0)
-        b_g = tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0).to(ACC)
-        b_do = tl.load(do + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0)
+        b_q = tl.load(q + row[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0)
+        b_g = tl.load(g + row[:, None] * (H * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        b_do = tl.load(do + row[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0)
         b_qg = (b_q.to(ACC) * tl.exp(tl.cumsum(b_g, axis=0)) * scale).to(b_do.dtype)
         b_dh = b_dh * tl.exp(tl.sum(b_g, axis=0))[:, None] + tl.dot(tl.trans(b_qg), b_do, input_precision=PREC, out_dtype=ACC)
     if STORE_DH0:
@@ -173,15 +232,40 @@ def _dstate_bwd(
 
 @triton.jit
 def _grads_bwd(
-    q, k, v, g, h, ht, do, dh, dq, dk, dv, dg, cu_seqlens, chunk_info, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    FUSE_DV: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    v,
+    g,
+    h,
+    ht,
+    do,
+    dh,
+    dq,
+    dk,
+    dv,
+    dg,
+    cu_seqlens,
+    chunk_info,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    FUSE_DV: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # fmt: off
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_t, bos, seq_len = _chunk_of(cu_seqlens, chunk_info, i_c)
     i_c64 = i_c.to(tl.int64)
+    for_k = (bos * H + i_h) * K
+    for_v = (bos * H + i_h) * V
+    q, k, g, dq, dk, dg = q + for_k, k + for_k, g + for_k, dq + for_k, dk + for_k, dg + for_k
+    v, do, dv = v + for_v, do + for_v, dv + for_v
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -189,7 +273,7 @@ def _grads_bwd(
     row_f = i_t * BT + o_t
     m_f = row_f < seq_len
     m_fk = m_f[:, None] & m_k[None, :]
-    p_fk = ((bos + row_f)[:, None] * H + i_h) * K + o_k[None, :]
+    p_fk = row_f[:, None] * (H * K) + o_k[None, :]
     b_qf = tl.load(q + p_fk, mask=m_fk, other=0)
     b_kf = tl.load(k + p_fk, mask=m_fk, other=0)
     b_gf = tl.load(g + p_fk, mask=m_fk, other=0).to(ACC)
@@ -216,12 +300,13 @@ def _grads_bwd(
         m_s = row_s < seq_len
         if i_t * BT + i_s * BC < seq_len:
             m_sk = m_s[:, None] & m_k[None, :]
-            p_sk = ((bos + row_s)[:, None] * H + i_h) * K + o_k[None, :]
+            p_sk = row_s[:, None] * (H * K) + o_k[None, :]
             b_q = tl.load(q + p_sk, mask=m_sk, other=0).to(ACC)
             b_k = tl.load(k + p_sk, mask=m_sk, other=0).to(ACC)
             b_gs = tl.load(g + p_sk, mask=m_sk, other=0).to(ACC)
             b_g_ref = tl.sum(tl.where((o_t < i_s * BC)[:, None], b_gf, 0), axis=0)  # G before the block
-            b_Gs = b_g_ref[None, :] + tl.cumsum(b_gs, axis=0)
+            b_Gl = tl.cumsum(b_gs, axis=0)  # G within the sub-block
+            b_Gs = b_g_ref[None, :] + b_Gl
             b_g_end = b_g_ref + tl.sum(b_gs, axis=0)  # G at the block's last token
             b_dqh = tl.zeros([BC, BK], dtype=ACC)
             b_dkh = tl.zeros([BC, BK], dtype=ACC)
@@ -233,8 +318,8 @@ def _grads_bwd(
                 m_v = o_v < V
                 p_kv = o_k[:, None] * V + o_v[None, :]
                 m_kv = m_k[:, None] & m_v[None, :]
-                p_sv = ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :]
-                p_fv = ((bos + row_f)[:, None] * H + i_h) * V + o_v[None, :]
+                p_sv = row_s[:, None] * (H * V) + o_v[None, :]
+                p_fv = row_f[:, None] * (H * V) + o_v[None, :]
                 b_do_s = tl.load(do + p_sv, mask=m_s[:, None] & m_v[None, :], other=0)
                 b_v_s = tl.load(v + p_sv, mask=m_s[:, None] & m_v[None, :], other=0)
                 b_h = tl.load(h + (i_c64 * H + i_h) * K * V + p_kv, mask=m_kv, other=0).to(b_do_s.dtype)
@@ -255,19 +340,24 @@ def _grads_bwd(
                 before = (o_t < i_s * BC)[:, None]
                 b_k_ref = (b_kf.to(ACC) * tl.exp(tl.where(before, b_g_ref[None, :] - b_Gf, float("-inf")))).to(b_qf.dtype)
                 b_dq += tl.exp(b_Gs - b_g_ref[None, :]) * tl.dot((b_da_row * scale).to(b_qf.dtype), b_k_ref, input_precision=PREC, out_dtype=ACC)
+            b_at_off = tl.zeros([BC, BT], dtype=ACC)  # A[rows after the block, block cols]^T (for dv)
             if i_s < BT // BC - 1:
                 after = (o_t >= (i_s + 1) * BC)[:, None]
                 b_q_ref = (b_qf.to(ACC) * tl.exp(tl.where(after, b_Gf - b_g_end[None, :], float("-inf")))).to(b_qf.dtype)
                 b_dk += tl.exp(b_g_end[None, :] - b_Gs) * tl.dot((b_da_col * scale).to(b_qf.dtype), b_q_ref, input_precision=PREC, out_dtype=ACC)
+                if FUSE_DV:
+                    b_k_end = (b_k * tl.exp(b_g_end[None, :] - b_Gs)).to(b_qf.dtype)
+                    b_at_off = tl.dot(b_k_end, tl.trans(b_q_ref), input_precision=PREC, out_dtype=ACC) * scale
             # diagonal sub-block in log space: column j of dA (and of A for dv)
             b_da_diag = tl.where(o_c[:, None] >= o_c[None, :], b_da_diag * scale, 0)
             b_a_diag = tl.zeros([BC, BC], dtype=ACC)
+            b_Gj = tl.zeros([BK], dtype=ACC)
             for j in range(BC):
                 m_j = m_k & (i_t * BT + i_s * BC + j < seq_len)
-                p_j = ((bos + i_t * BT + i_s * BC + j) * H + i_h) * K + o_k
+                p_j = (i_t * BT + i_s * BC + j) * (H * K) + o_k
                 b_kj = tl.load(k + p_j, mask=m_j, other=0).to(ACC)
-                b_Gj = tl.sum(tl.where((o_c == j)[:, None], b_Gs, 0), axis=0)
-                b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gs - b_Gj[None, :], float("-inf")))
+                b_Gj += tl.load(g + p_j, mask=m_j, other=0).to(ACC)
+                b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gl - b_Gj[None, :], float("-inf")))
                 b_da_j = tl.sum(tl.where((o_c == j)[None, :], b_da_diag, 0), axis=1)
                 b_dq += b_da_j[:, None] * b_kj[None, :] * b_e
                 b_dk_j = tl.sum(b_da_j[:, None] * b_q * b_e, axis=0)
@@ -282,22 +372,17 @@ def _grads_bwd(
             tl.store(dk + p_sk, b_dk.to(dk.dtype.element_ty), mask=m_sk)
             tl.store(dg + p_sk, b_dg.to(dg.dtype.element_ty), mask=m_sk)
             if FUSE_DV:
-                # A[rows after the block, block cols]^T against the block's last token
-                b_at_off = tl.zeros([BC, BT], dtype=ACC)
-                if i_s < BT // BC - 1:
-                    b_k_end = (b_k * tl.exp(b_g_end[None, :] - b_Gs)).to(b_qf.dtype)
-                    b_at_off = tl.dot(b_k_end, tl.trans(b_q_ref), input_precision=PREC, out_dtype=ACC) * scale
                 b_at_diag = tl.trans(b_a_diag * scale)
                 for i_v in range(tl.cdiv(V, BV)):
                     o_v = i_v * BV + tl.arange(0, BV)
                     m_v = o_v < V
-                    p_sv = ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :]
+                    p_sv = row_s[:, None] * (H * V) + o_v[None, :]
                     b_do_s = tl.load(do + p_sv, mask=m_s[:, None] & m_v[None, :], other=0)
                     b_dh = tl.load(dh + (i_c64 * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
                     b_dv = tl.dot(b_k_last.to(b_do_s.dtype), b_dh.to(b_do_s.dtype), input_precision=PREC, out_dtype=ACC)
                     b_dv += tl.dot(b_at_diag.to(b_do_s.dtype), b_do_s, input_precision=PREC, out_dtype=ACC)
                     if i_s < BT // BC - 1:
-                        b_dof = tl.load(do + ((bos + row_f)[:, None] * H + i_h) * V + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
+                        b_dof = tl.load(do + row_f[:, None] * (H * V) + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
                         b_dv += tl.dot(b_at_off.to(b_do_s.dtype), b_dof, input_precision=PREC, out_dtype=ACC)
                     tl.store(dv + p_sv, b_dv.to(dv.dtype.element_ty), mask=m_s[:, None] & m_v[None, :])
     # fmt: on
@@ -305,14 +390,33 @@ def _grads_bwd(
 
 @triton.jit
 def _dv_bwd(
-    q, k, g, do, dh, dv, cu_seqlens, chunk_info, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    ACC: tl.constexpr, PREC: tl.constexpr,
+    q,
+    k,
+    g,
+    do,
+    dh,
+    dv,
+    cu_seqlens,
+    chunk_info,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    ACC: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     # fmt: off
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_t, bos, seq_len = _chunk_of(cu_seqlens, chunk_info, i_c)
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    do += (bos * H + i_h) * V
+    dv += (bos * H + i_h) * V
     o_t = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -320,7 +424,7 @@ def _dv_bwd(
     row_f = i_t * BT + o_t
     m_f = row_f < seq_len
     p_dhc = dh + (i_c.to(tl.int64) * H + i_h) * K * V
-    b_dof = tl.load(do + ((bos + row_f)[:, None] * H + i_h) * V + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
+    b_dof = tl.load(do + row_f[:, None] * (H * V) + o_v[None, :], mask=m_f[:, None] & m_v[None, :], other=0)
     for i_s in tl.static_range(BT // BC):
         row_s = i_t * BT + i_s * BC + o_c
         m_s = row_s < seq_len
@@ -331,8 +435,8 @@ def _dv_bwd(
             for i_k in range(tl.cdiv(K, BK)):
                 o_k = i_k * BK + tl.arange(0, BK)
                 m_k = o_k < K
-                p_sk = ((bos + row_s)[:, None] * H + i_h) * K + o_k[None, :]
-                p_fk = ((bos + row_f)[:, None] * H + i_h) * K + o_k[None, :]
+                p_sk = row_s[:, None] * (H * K) + o_k[None, :]
+                p_fk = row_f[:, None] * (H * K) + o_k[None, :]
                 b_k = tl.load(k + p_sk, mask=m_s[:, None] & m_k[None, :], other=0)
                 b_q = tl.load(q + p_sk, mask=m_s[:, None] & m_k[None, :], other=0).to(ACC)
                 b_gs = tl.load(g + p_sk, mask=m_s[:, None] & m_k[None, :], other=0).to(ACC)
@@ -340,7 +444,8 @@ def _dv_bwd(
                 b_Gf = tl.cumsum(b_gf, axis=0)
                 b_G_last = tl.sum(b_gf, axis=0)
                 b_g_ref = tl.sum(tl.where((o_t < i_s * BC)[:, None], b_gf, 0), axis=0)
-                b_Gs = b_g_ref[None, :] + tl.cumsum(b_gs, axis=0)
+                b_Gl = tl.cumsum(b_gs, axis=0)  # G within the sub-block
+                b_Gs = b_g_ref[None, :] + b_Gl
                 b_g_end = b_g_ref + tl.sum(b_gs, axis=0)
                 b_dh = tl.load(p_dhc + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0)
                 b_k_last = (b_k.to(ACC) * tl.exp(b_G_last[None, :] - b_Gs)).to(b_k.dtype)
@@ -351,18 +456,20 @@ def _dv_bwd(
                     b_q_ref = (b_qf.to(ACC) * tl.exp(tl.where(after, b_Gf - b_g_end[None, :], float("-inf")))).to(b_k.dtype)
                     b_k_end = (b_k.to(ACC) * tl.exp(b_g_end[None, :] - b_Gs)).to(b_k.dtype)
                     b_at_off += tl.dot(b_k_end, tl.trans(b_q_ref), input_precision=PREC, out_dtype=ACC)
+                b_Gj = tl.zeros([BK], dtype=ACC)
                 for j in range(BC):
-                    p_j = ((bos + i_t * BT + i_s * BC + j) * H + i_h) * K + o_k
-                    b_kj = tl.load(k + p_j, mask=m_k & (i_t * BT + i_s * BC + j < seq_len), other=0).to(ACC)
-                    b_Gj = tl.sum(tl.where((o_c == j)[:, None], b_Gs, 0), axis=0)
-                    b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gs - b_Gj[None, :], float("-inf")))
+                    p_j = (i_t * BT + i_s * BC + j) * (H * K) + o_k
+                    m_j = m_k & (i_t * BT + i_s * BC + j < seq_len)
+                    b_kj = tl.load(k + p_j, mask=m_j, other=0).to(ACC)
+                    b_Gj += tl.load(g + p_j, mask=m_j, other=0).to(ACC)
+                    b_e = tl.exp(tl.where((o_c >= j)[:, None], b_Gl - b_Gj[None, :], float("-inf")))
                     b_a_j = tl.sum(b_q * b_kj[None, :] * b_e, axis=1)
                     b_a_diag += tl.where((o_c == j)[None, :], b_a_j[:, None], 0)
-            b_do_s = tl.load(do + ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0)
+            b_do_s = tl.load(do + row_s[:, None] * (H * V) + o_v[None, :], mask=m_s[:, None] & m_v[None, :], other=0)
             b_dv += tl.dot(tl.trans(b_a_diag * scale).to(b_do_s.dtype), b_do_s, input_precision=PREC, out_dtype=ACC)
             if i_s < BT // BC - 1:
                 b_dv += tl.dot((b_at_off * scale).to(b_do_s.dtype), b_dof, input_precision=PREC, out_dtype=ACC)
-            tl.store(dv + ((bos + row_s)[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_s[:, None] & m_v[None, :])
+            tl.store(dv + row_s[:, None] * (H * V) + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_s[:, None] & m_v[None, :])
     # fmt: on
 
 
@@ -420,8 +527,33 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
+LAUNCH = {
+    "state": {"num_warps": 4, "num_stages": 2},
+    "output": {"num_warps": 4, "num_stages": 2},
+    "dstate": {"num_warps": 4, "num_stages": 2},
+    "grads": {"num_warps": 8, "num_stages": 2},
+    "dv": {"num_warps": 4, "num_stages": 2},
+}
+"""Launch options per kernel (warps, pipeline stages); benchmarks may try others."""
+
+
 def _warps(kind: str, k_block: int) -> dict:
-    return {"num_warps": 4 if k_block <= 64 else 8, "num_stages": 2}
+    return dict(LAUNCH[kind])
+
+
+def _state_value_block(val_dim: int, programs: int) -> int:
+    """The state scans are sequential over chunks: split V finer when few programs would run."""
+    block = _block(val_dim)
+    if block > 32 and programs * triton.cdiv(val_dim, block) < 2 * _sm_count():
+        block = 32
+    return block
+
+
+@functools.lru_cache(maxsize=1)
+def _sm_count() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).multi_processor_count
+    return 1
 
 
 def _forward(q, k, v, g, scale, initial_state, layout, n_seqs):
@@ -434,10 +566,11 @@ def _forward(q, k, v, g, scale, initial_state, layout, n_seqs):
     h = q.new_empty(n_chunks, heads, key_dim, val_dim)
     ht = q.new_empty(n_seqs, heads, key_dim, val_dim, dtype=state_dtype)
     h0 = initial_state.contiguous() if initial_state is not None else ht
-    grid = (triton.cdiv(val_dim, bv), triton.cdiv(key_dim, bk), n_seqs * heads)
+    bvs = _state_value_block(val_dim, n_seqs * heads * triton.cdiv(key_dim, bk))
+    grid = (triton.cdiv(val_dim, bvs), triton.cdiv(key_dim, bk), n_seqs * heads)
     _state_fwd[grid](
         k, v, g, h, h0, ht, cu, chunk_offsets,
-        H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bv,
+        H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bvs,
         USE_H0=initial_state is not None, ACC=acc, PREC=prec, **_warps("state", bk),
     )  # fmt: skip
     o = torch.empty_like(v)
@@ -458,10 +591,11 @@ def _backward(q, k, v, g, h, ht, do, dht, scale, layout, n_seqs, want_dh0):
     bk, bv = _block(key_dim), _block(val_dim)
     dh = torch.empty_like(h)
     dh0 = torch.empty_like(ht) if want_dh0 else None
-    grid = (triton.cdiv(val_dim, bv), triton.cdiv(key_dim, bk), n_seqs * heads)
+    bvs = _state_value_block(val_dim, n_seqs * heads * triton.cdiv(key_dim, bk))
+    grid = (triton.cdiv(val_dim, bvs), triton.cdiv(key_dim, bk), n_seqs * heads)
     _dstate_bwd[grid](
         q, g, do, dh, dht if dht is not None else ht, dh0 if dh0 is not None else ht, cu, chunk_offsets, scale,
-        H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bv,
+        H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bvs,
         USE_DHT=dht is not None, STORE_DH0=want_dh0, ACC=acc, PREC=prec, **_warps("dstate", bk),
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
