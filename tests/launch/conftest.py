@@ -44,14 +44,15 @@ def _slurm_unavailable_reason() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """A running one-node SLURM cluster on 127.0.0.1; yields the environment clients need."""
     reason = _slurm_unavailable_reason()
     if reason:
         pytest.skip(f"no SLURM cluster: {reason}")
     if os.geteuid() != 0:
         pytest.skip("no SLURM cluster: starting slurmctld/slurmd/munged needs root")
-    base = tmp_path_factory.mktemp("slurm")
+    # One fixed place: a crashed session's daemons are found (by PID file) and stopped on the next start.
+    base = Path(os.environ.get("STRATA_SLURM_BASE", "/tmp/strata-test-slurm"))
     env = {**os.environ, "STRATA_SLURM_BASE": str(base)}
     started = subprocess.run([str(FIXTURE_DIR / "start.sh")], capture_output=True, text=True, env=env, timeout=300)
     if started.returncode != 0:
