@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class OptimConfig(BaseModel):
     model_config = STRICT
 
-    lr: float | Literal["auto"] = Field(3e-3, description="peak learning rate; 'auto' = Step Law (METHODS §8)")
+    lr: float = Field(3e-3, gt=0, description="peak learning rate; 'auto' in YAML = Step Law (METHODS §8)")
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -173,6 +173,12 @@ def load_config(source: str | Path | dict | None, overrides: list[str] | None = 
     """YAML path (or an already-parsed dict) + `a.b=c` overrides -> validated config."""
     tree = {} if source is None else (dict(source) if isinstance(source, dict) else read_yaml(source))
     tree = apply_overrides(_deep_copy(tree), overrides or [])
+    from engine.hparams import resolve_auto_hparams  # Step Law for `auto` values (METHODS §8)
+
+    try:
+        tree, _ = resolve_auto_hparams(tree)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return config_from_dict(tree)
 
 

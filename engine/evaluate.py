@@ -62,3 +62,15 @@ def evaluate(
     if byte_table is not None and nbytes:
         result["val_bpb"] = nll / math.log(2) / nbytes
     return result
+
+
+def gzip_bits_per_byte(texts: Iterable[str]) -> float:
+    """Reference compressor: `gzip -9` on each document separately, bits per byte of UTF-8 text."""
+    import gzip
+
+    bits, nbytes = 0, 0
+    for text in texts:
+        raw = text.encode("utf-8")
+        bits += 8 * len(gzip.compress(raw, compresslevel=9, mtime=0))
+        nbytes += len(raw)
+    return bits / max(nbytes, 1)

@@ -190,7 +190,7 @@ class Trainer:
         batches = eval_batches(
             shardset,
             self.cfg.data.seq_len,
-            self.cfg.data.micro_batch_size,
+            self.cfg.data.micro_batch_size * self.ctx.world_size,
             self.cfg.train.eval_batches or 10**12,
             cross_document_attention=self.cfg.data.cross_document_attention,
             rank=self.ctx.rank,

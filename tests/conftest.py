@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny real corpus (stdlib files -> BPE -> MDS ShardSets) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Keep each test process to one intra-op thread: tests run beside each other on 2 cores and
+# fixed threading keeps float reductions identical between runs that are compared exactly.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """OUT/{train,val,tokenizer.json}: 40 stdlib files, byte-level BPE of 384 tokens."""
+    from data_pipeline.builtin import build_stdlib_corpus
+
+    out = tmp_path_factory.mktemp("tiny_corpus")
+    build_stdlib_corpus(out, vocab_size=384, val_fraction=0.1, max_files=40, workers=1, progress=False)
+    return out
+
+
+def tiny_config(corpus: Path, run_dir: Path, **overrides) -> dict:
+    """A config tree for a 2-layer dim-64 Llama on `corpus`; `overrides` as {'a.b': value}."""
+    tree = {
+        "model": {"vocab_size": 384, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64},
+        "data": {
+            "sources": [{"path": str(corpus / "train"), "name": "tiny"}],
+            "val_path": str(corpus / "val"),
+            "seq_len": 32,
+            "global_batch_size": 8,
+            "micro_batch_size": 4,
+            "prefetch": 2,
+        },
+        "optim": {"lr": 3e-3},
+        "schedule": {"name": "cosine", "warmup_steps": 2},
+        "train": {"steps": 6, "run_dir": str(run_dir), "eval_batches": 2, "num_threads": 1},
+        "checkpoint": {"every": 3, "keep_last": 5},
+        "logging": {"log_every": 1, "tensorboard": True, "progress": False},
+    }
+    for key, value in overrides.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree

@@ -1,0 +1,61 @@
+"""Config errors stop at once with exit code 2 and a one-line message naming the field path."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import ConfigError, load_config
+from launch.cli import main
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("model:\n  dimm: 64\n", "model.dimm: unknown key"),
+        ("model:\n  dim: sixty\n", "model.dim:"),
+        ("model:\n  dim: 64\n  n_heads: 5\n", "n_heads (5) must divide dim (64)"),
+        ("optim:\n  lr: -1\n", "optim.lr:"),
+        ("data:\n  global_batch_size: 10\n  micro_batch_size: 4\n", "micro_batch_size (4) must divide"),
+        ("trian:\n  steps: 3\n", "trian: unknown key"),
+        ("train:\n  steps: 0\n", "train.steps:"),
+        ("schedule:\n  name: cosin\n", "schedule.name:"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path, yaml_text, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, yaml_text))
+    assert field in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_exits_2_with_one_line(tmp_path, capsys):
+    code = main(["train", str(write(tmp_path, "model:\n  n_layerz: 2\n"))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["config error: model.n_layerz: unknown key"]
+
+
+def test_set_overrides_parse_yaml_scalars(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  dim: 64\n  n_heads: 4\n"), ["optim.lr=1e-3", "model.qk_norm=true", "train.steps=7"])
+    assert cfg.optim.lr == 1e-3 and cfg.model.qk_norm is True and cfg.train.steps == 7
+
+
+def test_override_of_unknown_field_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match=r"^optim.learning_rate: unknown key$"):
+        load_config(None, ["optim.learning_rate=1"])
+
+
+def test_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["optim.lr"])
+
+
+def test_seq_len_beyond_model(tmp_path):
+    with pytest.raises(ConfigError, match="data.seq_len .* exceeds model.max_seq_len"):
+        load_config(None, ["data.seq_len=1024", "model.max_seq_len=512"])

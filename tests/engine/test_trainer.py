@@ -1,0 +1,89 @@
+"""Single-process trainer: run directory contents, checkpoint round trip, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.checkpoint import Checkpointer, latest_checkpoint
+from engine.config import load_config
+from engine.dist import init_distributed
+from engine.entry import run_training
+from engine.signals import REQUEUE_EXIT_CODE
+from engine.trainer import Trainer
+from launch.cli import main
+from tests.conftest import tiny_config
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    result = run_training(tiny_config(tiny_corpus, run_dir))
+    return run_dir, result
+
+
+def test_run_directory_is_complete(full_run):
+    run_dir, result = full_run
+    assert result.exit_code == 0 and result.step == 6
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert any((run_dir / "tb").iterdir())
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5, 6]
+    assert result.val["val_tokens"] > 0 and 0 < result.val["val_bpb"] < 10
+    saved = load_config(run_dir / "config.yaml")  # the resolved config reloads
+    assert saved.train.steps == 6 and saved.model.dim == 64
+
+
+def test_checkpoint_round_trip_gives_identical_next_step_loss(tiny_corpus, tmp_path):
+    cfg = load_config(tiny_config(tiny_corpus, tmp_path / "a", **{"checkpoint.every": 0}))
+    ctx = init_distributed("cpu")
+    first = Trainer(cfg, ctx)
+    for _ in range(2):
+        first.train_step(first.loader.next_step())
+        first.step += 1
+    path = first.save()
+    expected, _, _ = first.train_step(first.loader.next_step())
+    first.loader.close()
+
+    second = Trainer(cfg, ctx)  # fresh init, then restore
+    state = Checkpointer(tmp_path / "a" / "checkpoints", ctx).load(path, second.model, second.optimizer)
+    second.loader.load_state_dict(state["loader"])
+    second.schedule.load_state_dict(state["schedule"])
+    second.step = state["step"]
+    got, _, _ = second.train_step(second.loader.next_step())
+    second.loader.close()
+    assert got == expected
+
+
+def test_resume_continues_at_the_right_step_with_identical_losses(full_run, tiny_corpus, tmp_path, capsys, monkeypatch):
+    full_dir, _ = full_run
+    run_dir = tmp_path / "resumed"
+    # interrupt the same 6-step run after step 4 (as a preemption would: checkpoint, exit 75)
+    monkeypatch.setattr(Trainer, "_stop_agreed", lambda self: self.step == 4)
+    assert run_training(tiny_config(tiny_corpus, run_dir)).exit_code == REQUEUE_EXIT_CODE
+    monkeypatch.undo()
+    assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000004"
+    code = main(["train", "--resume", str(run_dir)])  # continue as a user would
+    assert code == 0
+    assert "resumed from" in capsys.readouterr().out
+    resumed, full = losses(run_dir), losses(full_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == full[step], step
+
+
+def test_cpu_runs_in_fp32(full_run):
+    run_dir, _ = full_run
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.train.dtype == "auto"
+    from engine.trainer import autocast_dtype
+
+    assert autocast_dtype(cfg, torch.device("cpu")) is None
