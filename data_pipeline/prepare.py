@@ -47,6 +47,7 @@ from data_pipeline.tokenizer import (
 )
 
 PIPELINE_VERSION = 1  # bump when the bytes written for the same inputs change
+ENCODE_GROUP_CHARS = 4_000_000
 
 
 @dataclass
@@ -90,7 +91,23 @@ class DocumentEncoder:
         self.max_doc_chars = max_doc_chars
 
     def _ids(self, texts: list[str]) -> list[list[int] | None]:
-        """Token ids per text; None where the tokenizer itself fails on a text."""
+        """Token ids per text; None where the tokenizer itself fails on a text.
+
+        Texts go to the tokenizer in groups of at most ENCODE_GROUP_CHARS characters: HF
+        Encodings cost ~100 bytes per token, so a 100 MB document must not be encoded at once.
+        """
+        out: list[list[int] | None] = []
+        start = 0
+        while start < len(texts):
+            end, chars = start, 0
+            while end < len(texts) and (end == start or chars + len(texts[end]) <= ENCODE_GROUP_CHARS):
+                chars += len(texts[end])
+                end += 1
+            out.extend(self._ids_of_group(texts[start:end]))
+            start = end
+        return out
+
+    def _ids_of_group(self, texts: list[str]) -> list[list[int] | None]:
         try:
             return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
         except Exception:  # one bad text fails the whole batch: retry one by one

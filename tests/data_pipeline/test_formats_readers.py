@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
 import pytest
-from prepare_testing import all_documents, corpus_texts, make_tokenizer, write_jsonl
+from prepare_testing import all_documents, corpus_texts, make_tokenizer, output_files, write_jsonl
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipeline.formats import open_shardset
@@ -117,3 +118,15 @@ def test_large_vocab_uses_uint32_everywhere(tmp_path):
         assert manifest["dtype"] == "uint32" and manifest["eos_token"] == "</s>"
         docs = all_documents(open_shardset(tmp_path / fmt))
         assert all(np.array_equal(d, e) and d.dtype == np.uint32 for d, e in zip(docs, expected, strict=True))
+
+
+def test_every_format_is_byte_reproducible(corpus, tmp_path):
+    """Resumability rests on this: the same documents give the same bytes (tar mtimes included)."""
+    for fmt, first in corpus.items():
+        manifest = json.loads((first / "manifest.json").read_text())
+        again = tmp_path / fmt
+        prepare([first.parent / "in.jsonl"], again,
+                PrepareOptions(format=fmt, tokenizer=str(first.parent / "tokenizer.json"),
+                               shard_size="2kb", workers=2, progress=False))
+        assert output_files(again) == output_files(first), fmt
+        assert manifest["format"] == fmt
