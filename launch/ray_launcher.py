@@ -1,0 +1,353 @@
+"""Ray launcher: run the training ranks as Ray actors, locally (embedded) or on a cluster.
+
+Why actors and not Ray Train's TorchTrainer: the trainer already owns everything TorchTrainer
+would add — process-group setup from RANK/WORLD_SIZE/MASTER_* (engine.dist), checkpoints and
+resume in the run directory (engine.checkpoint) — so a TorchTrainer would initialize a second
+process group and keep a second checkpoint registry. Here Ray only places the workers (one
+placement-group bundle per node), forwards their logs (prefixed `rankN`), and this module owns
+the failure policy: when any worker dies, the whole group is killed and restarted (fresh
+processes, fresh process group) from the run directory's latest checkpoint, up to
+`max_failures` times. Without an address a private Ray instance is started on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.signals import REQUEUE_EXIT_CODE
+
+LOOPBACK = "127.0.0.1"
+WORKERS_FILE = "ray_workers.json"  # under RUN_DIR/launcher/: pids of the current attempt
+SAMPLES_DIR = "samples"  # under RUN_DIR/launcher/: per-rank sample audit (--sample-log)
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None
+    nodes: int = 1
+    workers_per_node: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    object_store_mb: int = 256
+    num_cpus: int | None = None
+    dashboard: bool = False
+    placement_timeout_s: float = 120.0
+    sample_log: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+    def validate(self) -> RayOptions:
+        for name in ("nodes", "workers_per_node"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
+        if self.max_failures < 0:
+            raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
+        if self.object_store_mb < 80:
+            raise ValueError(f"--object-store-mb must be at least 80 (Ray's minimum), got {self.object_store_mb}")
+        return self
+
+
+# -- connecting --------------------------------------------------------------------------------
+
+def _prepare_ray_environment(local: bool) -> None:
+    """Environment Ray reads at import/start: per-rank log lines are not merged, and a local
+    instance takes 127.0.0.1 as its node address, so every Ray server binds to loopback."""
+    os.environ["RAY_DEDUP_LOGS"] = "0"
+    if local:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if "ray" in sys.modules:  # imported before us: the constant was already read
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def connect(options: RayOptions) -> None:
+    """ray.init: join `options.address`, or start a private single-machine instance on loopback."""
+    local = options.address is None
+    _prepare_ray_environment(local)
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not local:
+        ray.init(address=options.address, log_to_driver=True, logging_level="WARNING")
+        return
+    import torch
+
+    needed_cpus = options.world_size * options.cpus_per_worker
+    ray.init(
+        num_cpus=max(options.num_cpus or os.cpu_count() or 1, int(needed_cpus + 0.999)),
+        num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        _node_ip_address=LOOPBACK,
+        include_dashboard=options.dashboard,
+        dashboard_host=LOOPBACK,
+        object_store_memory=options.object_store_mb * 2**20,
+        log_to_driver=True,
+        logging_level="WARNING",
+    )
+
+
+# -- the worker ---------------------------------------------------------------------------------
+
+def _install_sample_log(path: Path, rank: int, attempt: int) -> None:
+    """Audit: append each step's sample ids of this rank to `path` (one JSON line per step)."""
+    from data_pipeline.loader import TrainLoader
+
+    original = TrainLoader.next_step
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("a")
+
+    def next_step(self):  # noqa: ANN001
+        batches = original(self)
+        samples = [[int(s.source), int(s.offset)] for s in self.last_sample_ids]
+        log.write(json.dumps({"attempt": attempt, "rank": rank, "step": int(self.step), "samples": samples}) + "\n")
+        log.flush()
+        return batches
+
+    TrainLoader.next_step = next_step
+
+
+class TrainWorker:
+    """One training rank in its own process (a Ray actor); runs engine.entry.run_training."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, local_world_size: int) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+
+    def __repr__(self) -> str:  # Ray prefixes this worker's log lines with it
+        return f"rank{self.rank}"
+
+    def describe(self) -> dict[str, Any]:
+        import ray
+
+        return {"rank": self.rank, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (called on rank 0 only)."""
+        import socket
+
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            return host, int(sock.getsockname()[1])
+
+    def run(self, config: str, overrides: list[str], resume: str | None, master: tuple[str, int],
+            attempt: int, sample_log_dir: str | None) -> int:
+        os.environ.update(
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+            LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
+        )
+        if sample_log_dir:
+            _install_sample_log(Path(sample_log_dir) / f"rank{self.rank}.jsonl", self.rank, attempt)
+        from engine.entry import run_training
+
+        result = run_training(config, overrides, resume)
+        sys.stdout.flush()
+        return int(result.exit_code)
+
+
+def _signal_process(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RayRun:
+    config: str
+    overrides: tuple[str, ...]
+    resume: str | None
+    run_dir: str
+
+
+class _StopSignals:
+    """SIGTERM/SIGUSR1 on the driver: remembered here, forwarded to every worker by the wait loop."""
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.received = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.pending.append(signum)
+        self.received = True
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+class RayLauncher:
+    def __init__(self, run: RayRun, options: RayOptions, say: Callable[[str], None] | None = None) -> None:
+        self.run, self.options = run, options.validate()
+        self.say = say or (lambda text: print(f"[launcher] {text}", flush=True))
+        self.launcher_dir = Path(run.run_dir) / "launcher"
+
+    # placement: one bundle per node holding that node's workers
+    def _placement_group(self):  # noqa: ANN202
+        import ray
+        from ray.util.placement_group import placement_group
+
+        o = self.options
+        bundle = {"CPU": o.workers_per_node * o.cpus_per_worker}
+        if o.gpus_per_worker:
+            bundle["GPU"] = o.workers_per_node * o.gpus_per_worker
+        strategy = "STRICT_SPREAD" if o.nodes > 1 else "PACK"
+        group = placement_group([dict(bundle) for _ in range(o.nodes)], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=o.placement_timeout_s)
+        if not ready:
+            ray.util.remove_placement_group(group)
+            total = ray.cluster_resources()
+            raise RuntimeError(
+                f"Ray could not place {o.nodes} node(s) x {bundle} within {o.placement_timeout_s:.0f}s; "
+                f"the cluster has CPU={total.get('CPU', 0)}, GPU={total.get('GPU', 0)} "
+                f"on {len([n for n in ray.nodes() if n.get('Alive')])} node(s)"
+            )
+        return group
+
+    def _start_workers(self, group) -> list:  # noqa: ANN001
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        o = self.options
+        actor_cls = ray.remote(TrainWorker)
+        workers = []
+        for node in range(o.nodes):
+            for local_rank in range(o.workers_per_node):
+                rank = node * o.workers_per_node + local_rank
+                strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=node)
+                workers.append(
+                    actor_cls.options(num_cpus=o.cpus_per_worker, num_gpus=o.gpus_per_worker,
+                                      scheduling_strategy=strategy, max_restarts=0)
+                    .remote(rank, o.world_size, local_rank, o.workers_per_node)
+                )
+        return workers
+
+    def _record_workers(self, attempt: int, described: list[dict]) -> None:
+        self.launcher_dir.mkdir(parents=True, exist_ok=True)
+        path = self.launcher_dir / WORKERS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"attempt": attempt, "workers": described}, indent=1))
+        os.replace(tmp, path)
+
+    def _forward_signal(self, described: list[dict], signum: int) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.say(f"received {signal.Signals(signum).name}: asking every rank to checkpoint and stop")
+        kill = ray.remote(num_cpus=0)(_signal_process)
+        refs = [
+            kill.options(scheduling_strategy=NodeAffinitySchedulingStrategy(w["node_id"], soft=False))
+            .remote(w["pid"], signum)
+            for w in described
+        ]
+        ray.get(refs, timeout=60)
+
+    def _attempt(self, group, attempt: int, stops: _StopSignals) -> tuple[str, int | str]:  # noqa: ANN001
+        """One try; returns ('done', exit code) or ('failed', reason)."""
+        import ray
+
+        workers = self._start_workers(group)
+        try:
+            described = ray.get([w.describe.remote() for w in workers], timeout=self.options.placement_timeout_s)
+            self._record_workers(attempt, described)
+            self.say(f"attempt {attempt + 1}: " + ", ".join(f"rank {d['rank']} pid {d['pid']} on {d['node_ip']}"
+                                                           for d in described))
+            master = ray.get(workers[0].rendezvous_address.remote())
+            resume = self.run.resume if attempt == 0 else self.run.run_dir
+            sample_dir = str(self.launcher_dir / SAMPLES_DIR) if self.options.sample_log else None
+            pending = {
+                w.run.remote(self.run.config, list(self.run.overrides), resume, master, attempt, sample_dir): rank
+                for rank, w in enumerate(workers)
+            }
+            codes: dict[int, int] = {}
+            while pending:
+                while stops.pending:
+                    self._forward_signal(described, stops.pending.pop(0))
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                for ref in done:
+                    rank = pending.pop(ref)
+                    try:
+                        codes[rank] = ray.get(ref)
+                    except Exception as err:  # actor died, or run_training raised
+                        return "failed", f"rank {rank}: {type(err).__name__}: {_first_line(err)}"
+                    if codes[rank] not in (0, REQUEUE_EXIT_CODE):
+                        return "failed", f"rank {rank} exited with status {codes[rank]}"
+            if any(code == REQUEUE_EXIT_CODE for code in codes.values()):
+                return "done", REQUEUE_EXIT_CODE
+            return "done", 0
+        finally:
+            for worker in workers:
+                ray.kill(worker, no_restart=True)
+
+    def launch(self) -> int:
+        import ray
+
+        connect(self.options)
+        o = self.options
+        where = f"Ray cluster at {o.address}" if o.address else f"a local Ray instance on {LOOPBACK}"
+        device = f"{o.gpus_per_worker:g} GPU(s)" if o.gpus_per_worker else f"{o.cpus_per_worker:g} CPU(s)"
+        self.say(f"{o.world_size} worker(s) ({o.nodes} node(s) x {o.workers_per_node}, {device} each) on {where}")
+        group = self._placement_group()
+        try:
+            with _StopSignals() as stops:
+                for attempt in range(o.max_failures + 1):
+                    outcome, detail = self._attempt(group, attempt, stops)
+                    if outcome == "done":
+                        if detail == REQUEUE_EXIT_CODE:
+                            self.say(f"the ranks checkpointed after a stop request; exit {REQUEUE_EXIT_CODE} (requeue)")
+                        return int(detail)
+                    if stops.received:
+                        self.say(f"a worker failed while stopping ({detail}); not restarting")
+                        return 1
+                    if attempt < o.max_failures:
+                        self.say(f"worker failure ({detail}); restart {attempt + 1}/{o.max_failures} "
+                                 f"from the latest checkpoint in {self.run.run_dir}")
+                    else:
+                        self.say(f"worker failure ({detail}); no restarts left (--max-failures {o.max_failures}): the run failed")
+            return 1
+        finally:
+            ray.util.remove_placement_group(group)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def launch_ray(run: RayRun, options: RayOptions) -> int:
+    """Runs the training on Ray; shuts a private instance down afterwards. Returns the exit status."""
+    launcher = RayLauncher(run, options)
+    try:
+        return launcher.launch()
+    finally:
+        if options.address is None:
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()

@@ -1,0 +1,138 @@
+"""`strata submit --launcher ray`: CPU workers on an embedded Ray instance bound to 127.0.0.1,
+the single-process losses, and the failure policy (a worker killed by PID mid-run -> the group
+restarts from the latest checkpoint; nothing trained twice after the restore point; a run that
+keeps failing exits non-zero). One Ray instance serves the in-process tests of this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from launch_helpers import read_losses, strata, tiny_config, write_config
+
+from engine.checkpoint import latest_checkpoint
+from launch.ray_launcher import (
+    LOOPBACK,
+    SAMPLES_DIR,
+    WORKERS_FILE,
+    RayLauncher,
+    RayOptions,
+    RayRun,
+    connect,
+)
+
+
+def test_cli_runs_two_cpu_workers_with_the_single_process_losses(corpus, tmp_path):
+    from engine.entry import run_training
+
+    assert run_training(tiny_config(corpus, tmp_path / "single", steps=4), []).exit_code == 0
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(corpus, tmp_path / "unused", steps=4))
+    result = strata("submit", str(config), "--launcher", "ray", "--workers-per-node", "2",
+                    "--run-dir", str(tmp_path / "ray"), timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout + result.stderr
+    assert "on a local Ray instance on 127.0.0.1" in out
+    assert "(rank0 pid=" in out and "step 4/4" in out  # worker logs reach the driver, rank-prefixed
+    single, ray = read_losses(tmp_path / "single"), read_losses(tmp_path / "ray")
+    assert len(ray) == 4 and max(abs(a - b) for a, b in zip(single, ray, strict=True)) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    options = RayOptions(num_cpus=2, object_store_mb=128)
+    connect(options)
+    import ray
+
+    yield ray
+    ray.shutdown()
+
+
+def _descendants_listening() -> set[str]:
+    import psutil
+
+    addresses = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    addresses.add(conn.laddr.ip)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return addresses
+
+
+def test_local_instance_listens_on_loopback_only(local_ray):
+    addresses = _descendants_listening()
+    assert addresses, "found no Ray servers to check"
+    assert addresses <= {LOOPBACK, "::ffff:127.0.0.1", "::1"}, addresses
+
+
+def _read_samples(run_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted((run_dir / "launcher" / SAMPLES_DIR).glob("rank*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def _kill_rank1_after_first_checkpoint(run_dir: Path, steps: int, report: dict) -> None:
+    """Freeze the group right after a checkpoint exists, check it is mid-run, kill rank 1 by PID."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        workers = run_dir / "launcher" / WORKERS_FILE
+        if workers.exists() and latest_checkpoint(run_dir / "checkpoints") is not None:
+            pids = {w["rank"]: w["pid"] for w in json.loads(workers.read_text())["workers"]}
+            os.kill(pids[0], signal.SIGSTOP)  # rank 0 frozen: no rank can pass the next collective
+            metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
+            report["step_at_kill"] = json.loads(metrics[-1])["step"]
+            os.kill(pids[1], signal.SIGKILL)
+            os.kill(pids[0], signal.SIGCONT)
+            report["killed"] = pids[1]
+            return
+        time.sleep(0.02)
+
+
+def test_killed_worker_restarts_from_the_latest_checkpoint_without_retraining_samples(local_ray, corpus, tmp_path):
+    run_dir, steps = tmp_path / "run", 30
+    config = write_config(tmp_path / "cfg.yaml", tiny_config(corpus, run_dir, steps=steps, checkpoint_every=5))
+    report: dict = {}
+    killer = threading.Thread(target=_kill_rank1_after_first_checkpoint, args=(run_dir, steps, report))
+    killer.start()
+    run = RayRun(str(config), (f"train.run_dir={run_dir}",), None, str(run_dir))
+    status = RayLauncher(run, RayOptions(workers_per_node=2, max_failures=2, sample_log=True)).launch()
+    killer.join()
+    assert "killed" in report and report["step_at_kill"] < steps, report
+    assert status == 0
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == steps
+    assert json.loads((run_dir / "launcher" / WORKERS_FILE).read_text())["attempt"] == 1
+
+    records = _read_samples(run_dir)
+    second = [r for r in records if r["attempt"] == 1]
+    restore_step = min(r["step"] for r in second) - 1
+    assert restore_step >= 5 and restore_step % 5 == 0  # resumed from a checkpoint, not from scratch
+    kept = [r for r in records if r["attempt"] == 0 and r["step"] <= restore_step] + second
+    for rank in (0, 1):
+        assert sorted(r["step"] for r in kept if r["rank"] == rank) == list(range(1, steps + 1))
+    trained = [tuple(s) for r in kept for s in r["samples"]]
+    assert len(trained) == len(set(trained)), "a sample was trained twice after the restore point"
+    # the steps redone after the restore are the very same samples (the sampler is deterministic)
+    first = {(r["rank"], r["step"]): r["samples"] for r in records if r["attempt"] == 0}
+    redone = [r for r in second if (r["rank"], r["step"]) in first]
+    assert all(first[(r["rank"], r["step"])] == r["samples"] for r in redone)
+
+
+def test_run_that_keeps_failing_exits_nonzero_after_max_failures(local_ray, corpus, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    config = tiny_config(corpus, run_dir, steps=2)
+    config["data"]["sources"] = [{"path": str(tmp_path / "no-such-shardset")}]
+    path = write_config(tmp_path / "cfg.yaml", config)
+    run = RayRun(str(path), (), None, str(run_dir))
+    status = RayLauncher(run, RayOptions(workers_per_node=2, max_failures=1)).launch()
+    out = capfd.readouterr().out
+    assert status == 1
+    assert "restart 1/1 from the latest checkpoint" in out
+    assert "no restarts left (--max-failures 1): the run failed" in out
