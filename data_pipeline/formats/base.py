@@ -7,6 +7,7 @@ order, resumability and shard cutting live in formats/writer.py, not here.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,11 +27,27 @@ class ShardSet:
         self.manifest = manifest
         self.dtype = np.dtype(manifest["dtype"])
         self.eos_id: int = int(manifest["eos_id"])
-        self._lengths: np.ndarray | None = None
+        self._reset_caches()
         counts = [int(s["num_docs"]) for s in manifest["shards"]]
         # doc id d lives in shard i where shard_starts[i] <= d < shard_starts[i+1]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self._num_docs = int(self.shard_starts[-1])
+
+    def _reset_caches(self) -> None:
+        self._lengths: np.ndarray | None = None
+        self._shards: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickles (to loader worker processes) without memory maps; they reopen lazily."""
+        state = self.__dict__.copy()
+        for key in ("_lengths", "_shards", "_lock"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
 
     def __len__(self) -> int:
         return self._num_docs
@@ -61,6 +78,19 @@ class ShardSet:
             raise IndexError(f"document {doc_id} out of range [0, {self._num_docs})")
         shard = int(np.searchsorted(self.shard_starts, doc_id, side="right")) - 1
         return shard, int(doc_id - self.shard_starts[shard])
+
+    def _shard(self, shard: int) -> Any:
+        """The opened (memory-mapped) shard, opened once per process and shared by threads."""
+        opened = self._shards.get(shard)
+        if opened is None:
+            with self._lock:
+                opened = self._shards.get(shard)
+                if opened is None:
+                    opened = self._shards[shard] = self._open_shard(shard)
+        return opened
+
+    def _open_shard(self, shard: int) -> Any:
+        raise NotImplementedError
 
     def get(self, doc_id: int) -> np.ndarray:
         """Tokens of one document, EOS included, as `self.dtype`."""

@@ -115,19 +115,28 @@ class MDSShardSet(ShardSet):
             self._shard_infos = json.load(fh)["shards"]
         if len(self._shard_infos) != len(self.shard_starts) - 1:
             raise ValueError(f"{root}: index.json and manifest.json disagree on the shard count")
-        self._buffers: dict[int, np.ndarray] = {}
-        self._offsets: dict[int, np.ndarray] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def open_remote(cls, remote: str, cache_dir: Path | None = None) -> MDSShardSet:
         from data_pipeline.manifest import MANIFEST_NAME, read_manifest
 
         cache = Path(cache_dir) if cache_dir else default_cache_dir(remote)
-        # the manifest decides everything else: always fetch a fresh copy
-        _download(_join_remote(remote, MANIFEST_NAME), cache / MANIFEST_NAME)
-        (cache / INDEX_NAME).unlink(missing_ok=True)
-        return cls(cache, read_manifest(cache), remote=remote, cache_dir=cache)
+        manifest_path = cache / MANIFEST_NAME
+        cached = manifest_path.read_bytes() if manifest_path.is_file() else None
+        # the manifest decides everything else: always fetch a fresh copy, and drop the cached
+        # files of an older version of the remote set
+        fresh = cache / f".{MANIFEST_NAME}.fresh"
+        fresh.unlink(missing_ok=True)
+        _download(_join_remote(remote, MANIFEST_NAME), fresh)
+        if cached is not None and fresh.read_bytes() != cached:
+            for child in cache.iterdir():
+                if child.is_file() and child != fresh:
+                    child.unlink()
+        os.replace(fresh, manifest_path)
+        manifest = read_manifest(cache)
+        if manifest.get("format") != "mds":
+            raise ValueError(f"remote ShardSets must be MDS; {remote} is {manifest.get('format')!r}")
+        return cls(cache, manifest, remote=remote, cache_dir=cache)
 
     def _local_file(self, name: str) -> Path:
         path = self.root / name
@@ -138,19 +147,11 @@ class MDSShardSet(ShardSet):
                 pass  # optional files (tokenizer.json) may be absent
         return path
 
-    def _shard_buffer(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        buffer = self._buffers.get(shard)
-        if buffer is None:
-            with self._lock:
-                buffer = self._buffers.get(shard)
-                if buffer is None:
-                    buffer = np.memmap(self._raw_shard_path(shard), dtype=np.uint8, mode="r")
-                    count = int(np.frombuffer(buffer, np.uint32, count=1, offset=0)[0])
-                    self._offsets[shard] = np.frombuffer(
-                        buffer, np.uint32, count=count + 1, offset=4
-                    ).astype(np.int64)
-                    self._buffers[shard] = buffer
-        return buffer, self._offsets[shard]
+    def _open_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        buffer = np.memmap(self._raw_shard_path(shard), dtype=np.uint8, mode="r")
+        count = int(np.frombuffer(buffer, np.uint32, count=1, offset=0)[0])
+        offsets = np.frombuffer(buffer, np.uint32, count=count + 1, offset=4).astype(np.int64)
+        return buffer, offsets
 
     def _raw_shard_path(self, shard: int) -> Path:
         info = self._shard_infos[shard]
@@ -170,7 +171,7 @@ class MDSShardSet(ShardSet):
 
     def get(self, doc_id: int) -> np.ndarray:
         shard, index = self.locate(doc_id)
-        buffer, offsets = self._shard_buffer(shard)
+        buffer, offsets = self._shard(shard)
         begin, end = int(offsets[index]), int(offsets[index + 1])
         # sample = [u32 column size][shape byte: ndim<<2 | shape dtype code][shape][values]
         shape_byte = int(buffer[begin + 4])

@@ -9,7 +9,6 @@ and torch, which loader workers should not pay; tests check it against `IndexedD
 from __future__ import annotations
 
 import struct
-import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -81,25 +80,14 @@ def read_idx(idx_path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray]:
 class MegatronShardSet(ShardSet):
     format = "megatron"
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest)
-        self._maps: dict[int, tuple[np.ndarray, np.dtype, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
     def path_prefixes(self) -> list[str]:
         return [str(self.root / shard_prefix(i)) for i in range(len(self.shard_starts) - 1)]
 
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.dtype, np.ndarray]:
-        entry = self._maps.get(shard)
-        if entry is None:
-            with self._lock:
-                entry = self._maps.get(shard)
-                if entry is None:
-                    prefix = self.root / shard_prefix(shard)
-                    dtype, _lengths, pointers = read_idx(prefix.with_suffix(".idx"))
-                    data = np.memmap(prefix.with_suffix(".bin"), dtype=np.uint8, mode="r")
-                    entry = self._maps[shard] = (data, dtype, pointers)
-        return entry
+    def _open_shard(self, shard: int) -> tuple[np.ndarray, np.dtype, np.ndarray]:
+        prefix = self.root / shard_prefix(shard)
+        dtype, _lengths, pointers = read_idx(prefix.with_suffix(".idx"))
+        data = np.memmap(prefix.with_suffix(".bin"), dtype=np.uint8, mode="r")
+        return data, dtype, pointers
 
     def get(self, doc_id: int) -> np.ndarray:
         shard, index = self.locate(doc_id)

@@ -8,7 +8,6 @@ tar, so `get(doc_id)` is one slice of a memory map, never a tar scan.
 from __future__ import annotations
 
 import tarfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,25 +74,13 @@ class WDSFormat:
 class WDSShardSet(ShardSet):
     format = "wds"
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        super().__init__(root, manifest)
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._lock = threading.Lock()
-
     def tar_paths(self) -> list[str]:
         return [str(self.root / shard_names(i)[0]) for i in range(len(self.shard_starts) - 1)]
 
-    def _shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
-        entry = self._maps.get(shard)
-        if entry is None:
-            with self._lock:
-                entry = self._maps.get(shard)
-                if entry is None:
-                    tar_name, offsets_name = shard_names(shard)
-                    buffer = np.memmap(self.root / tar_name, dtype=np.uint8, mode="r")
-                    offsets = np.load(self.root / offsets_name)
-                    entry = self._maps[shard] = (buffer, offsets)
-        return entry
+    def _open_shard(self, shard: int) -> tuple[np.ndarray, np.ndarray]:
+        tar_name, offsets_name = shard_names(shard)
+        buffer = np.memmap(self.root / tar_name, dtype=np.uint8, mode="r")
+        return buffer, np.load(self.root / offsets_name)
 
     def get(self, doc_id: int) -> np.ndarray:
         shard, index = self.locate(doc_id)

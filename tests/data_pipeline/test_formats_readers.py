@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 import warnings
 
 import numpy as np
@@ -63,6 +65,25 @@ def test_remote_mds_through_streaming_cache(corpus, tmp_path):
     dataset = StreamingDataset(remote=str(corpus["mds"]), local=str(tmp_path / "scache"),
                                shuffle=False, batch_size=1)
     assert np.array_equal(dataset[len(local) - 1]["tokens"], local.get(len(local) - 1))
+
+    clone = pickle.loads(pickle.dumps(remote))  # what a loader worker process receives
+    assert np.array_equal(clone.get(7), local.get(7))
+
+
+def test_remote_cache_follows_a_rewritten_remote(corpus, tmp_path):
+    remote_dir = tmp_path / "remote"
+    shutil.copytree(corpus["mds"], remote_dir)
+    url = f"file://{remote_dir}"
+    first = open_shardset(url, cache_dir=tmp_path / "cache")
+    assert len(first) == 60 and len(first.get(0)) == first.lengths[0]
+    shutil.rmtree(remote_dir)
+    write_jsonl(tmp_path / "other.jsonl", ["one\n", "two\n"])
+    prepare([tmp_path / "other.jsonl"], remote_dir,
+            PrepareOptions(tokenizer=str(corpus["mds"] / "tokenizer.json"), workers=1, progress=False))
+    second = open_shardset(url, cache_dir=tmp_path / "cache")
+    assert len(second) == 2 and list(second.lengths) == [len(second.get(0)), len(second.get(1))]
+    with pytest.raises(ValueError, match="must be MDS"):
+        open_shardset(f"file://{corpus['wds']}", cache_dir=tmp_path / "c2")
 
 
 def test_compressed_mds_reads_back(corpus, tmp_path):
