@@ -78,6 +78,12 @@ class ShardSetWriter:
         self.format = get_format(format_name)
         if compression and not self.format.supports_compression:
             raise ValueError(f"--compression is not supported by the {format_name} format (mds only)")
+        if compression:
+            from streaming.base.compression import get_compressions, is_compression
+
+            if not is_compression(compression):
+                known = ", ".join(sorted({name.split(":")[0] for name in get_compressions()}))
+                raise ValueError(f"unknown compression {compression!r}; use {known} (optionally :LEVEL)")
         self.dtype = np.dtype(dtype)
         self.shard_size_bytes = shard_size_bytes
         self.compression = compression
