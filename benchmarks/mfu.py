@@ -10,7 +10,6 @@ On CPU it runs a small model (`--set` to shrink) and reports tokens/s (no MFU wi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,33 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import SyntheticLoader, append_json  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.dist import init_distributed, shutdown  # noqa: E402
 from engine.metrics import device_peak_flops  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
-
-
-class SyntheticLoader:
-    """Random tokens, generated once on the device: the step never waits for data."""
-
-    def __init__(self, vocab: int, seq_len: int, micro_batch: int, n_micro: int, device: torch.device):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        self.batches = []
-        for _ in range(n_micro):
-            tokens = torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=g).to(device)
-            self.batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": None})
-
-    def next_step(self):
-        return self.batches
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    def close(self):
-        pass
 
 
 def main() -> int:
@@ -108,11 +85,7 @@ def main() -> int:
             mem = f"{result['peak_mem_gb']:.1f}" if result["peak_mem_gb"] else "-"
             print(f"{Path(args.config).name:<28}{n_params / 1e6:>9.0f}M{cfg.data.seq_len:>6}{cfg.data.micro_batch_size:>4}"
                   f"{tps_device:>12,.0f}{mfu_text:>8}{mem:>8}")
-            out = Path(args.json)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            history = json.loads(out.read_text()) if out.exists() else []
-            history.append(result)
-            out.write_text(json.dumps(history, indent=1))
+            append_json(args.json, result)
         trainer.loader.close()
     shutdown()
     return 0
