@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from data_pipeline.config import DataConfig
+from engine.continual import ContinualConfig
 from engine.schedules import ScheduleConfig
 from models.config import ModelConfig
 
@@ -106,6 +107,7 @@ class StrataConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> StrataConfig:

@@ -25,7 +25,7 @@ from engine.evaluate import evaluate, token_byte_lengths
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops, plot_metrics
 from engine.optim import build_optimizer
 from engine.parallel import parallelize_model
-from engine.schedules import build_schedule
+from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
 from models.spec import get_spec
 
@@ -81,6 +81,7 @@ def find_tokenizer(cfg: StrataConfig) -> Path | None:
 class Trainer:
     def __init__(self, cfg: StrataConfig, ctx: DistContext, resume: bool = False, loader=None):
         """`loader` defaults to the data pipeline's loader over `cfg.data` (benchmarks pass synthetic ones)."""
+        cfg = resolve_continual(cfg)  # a continual run: pin its source, start step and LR (engine.continual)
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.train.run_dir)
         if ctx.is_main:
@@ -95,7 +96,7 @@ class Trainer:
         self.autocast = autocast_dtype(cfg, ctx.device)
         self.lr_max = float(cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr_max, ctx.device)
-        self.schedule = build_schedule(cfg.schedule, self.lr_max, cfg.train.steps)
+        self.schedule = run_schedule(cfg, self.lr_max)
         if loader is None:
             from data_pipeline.loader import build_train_loader
 
@@ -107,8 +108,9 @@ class Trainer:
         spec = get_spec(cfg.model.family)
         self.flops_per_token = spec.flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(ctx.device, cfg.logging.peak_flops)
-        if resume:
-            self._resume()
+        resumed = resume and self._resume()
+        if cfg.continual.active and not resumed:  # the run's own checkpoints win over its source
+            start_continual_run(self)
         seed_everything(cfg.train.seed + 1_000_003 * self.step + ctx.rank)
 
     # -- state -------------------------------------------------------------------------------
@@ -120,18 +122,20 @@ class Trainer:
             "world_size": self.ctx.world_size,
         }
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
         path = latest_checkpoint(self.run_dir / "checkpoints")
         if path is None:
             if self.ctx.is_main:
-                print(f"no checkpoint under {self.run_dir / 'checkpoints'}: starting from step 0", flush=True)
-            return
+                start = "the continual source" if self.cfg.continual.active else "step 0"
+                print(f"no checkpoint under {self.run_dir / 'checkpoints'}: starting from {start}", flush=True)
+            return False
         state = self.checkpointer.load(path, self.model, self.optimizer)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.schedule.load_state_dict(state["schedule"])
         self.loader.load_state_dict(state["loader"])
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
+        return True
 
     def save(self) -> Path:
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
