@@ -306,7 +306,10 @@ def _ray_block(job: SlurmJob, request: TrainRequest, ray_argv: Sequence[str]) ->
         'head_node=${nodes[0]}',
         'head_ip=$(srun --nodes=1 --ntasks=1 --overlap -w "$head_node" hostname --ip-address | awk \'{print $1}\')',
         f"RAY_ADDRESS=\"$head_ip:{job.ray_port}\"",
-        "export RAY_ADDRESS",
+        "# Ray's token authentication: every daemon and the driver read the token from",
+        "# ~/.ray/auth_token (created by the head when missing; a shared home makes it cluster-wide)",
+        "# or from RAY_AUTH_TOKEN exported in the submitting shell (never written here).",
+        "export RAY_ADDRESS RAY_AUTH_MODE=token",
         f'{srun_node} -w "$head_node" {wrap}{ray} start --head --block --node-ip-address="$head_ip" '
         f'--port={job.ray_port} --include-dashboard=false {resources} &',
         "ray_pids=($!)",

@@ -7,6 +7,7 @@ config is loaded once here so a bad config fails before anything is started or s
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -190,6 +191,13 @@ def _run_ray(args: argparse.Namespace, config: str, overrides: list[str], run_di
     return launch_ray(RayRun(config, tuple(overrides), args.resume, run_dir), options)
 
 
+def _cpus_per_task(args: argparse.Namespace, tasks: int) -> int | None:
+    """srun tasks get --cpus-per-worker cores; a Ray node daemon gets the cores of all its workers."""
+    if args.ray_on_slurm:
+        return max(1, math.ceil(tasks * args.cpus_per_worker))
+    return math.ceil(args.cpus_per_worker) if args.cpus_per_worker > 1 else None
+
+
 def _run_slurm(args: argparse.Namespace, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:
     from launch.slurm import SlurmJob, TrainRequest, parse_env_assignment, render_script, submit
 
@@ -200,7 +208,7 @@ def _run_slurm(args: argparse.Namespace, config: str, overrides: list[str], run_
     tasks = args.gpus_per_node or args.workers_per_node or args.nproc or nproc_default
     job = SlurmJob(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
-        cpus_per_task=int(args.cpus_per_worker) if args.cpus_per_worker and args.cpus_per_worker > 1 else None,
+        cpus_per_task=_cpus_per_task(args, tasks),
         partition=args.partition, account=args.account, time_limit=args.time_limit, qos=args.qos,
         array=args.array, extra_directives=list(args.extra_directives),
         env=dict(parse_env_assignment(e) for e in args.env), source_files=[str(Path(f).absolute()) for f in args.source_files],
