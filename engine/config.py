@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from data_pipeline.config import DataConfig
 from engine.continual import ContinualConfig
+from engine.continual import ContinualConfig
 from engine.schedules import ScheduleConfig
 from models.config import ModelConfig
 
@@ -107,6 +108,7 @@ class StrataConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     @model_validator(mode="after")

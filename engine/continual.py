@@ -99,7 +99,10 @@ class ContinualConfig(BaseModel):
                 if getattr(self, name) != fields[name].get_default(call_default_factory=True)
             )
             if stray:
-                raise ValueError(f"{stray[0]}: set, but no continual.source or continual.from_hf to apply it to")
+                raise ValueError(
+                    f"{stray[0]}: set, but no continual.source or continual.from_hf to apply it to "
+                    "(start the run with `strata resume SOURCE --config THIS.yaml`)"
+                )
             return self
         if self.from_hf is not None:
             checkpoint_only = {"optimizer": "keep", "schedule": "continue", "data": "continue"}

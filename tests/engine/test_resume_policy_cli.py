@@ -1,0 +1,128 @@
+"""`strata resume`: the config it builds (policy defaults, step counting, run dir), training through
+it, its refusals, `--from-hf`, and the continual recipes in configs/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_resume_policy import LR_CONST, REWARM, run_source, two_sources
+
+from engine.config import load_config
+from engine.export import export_hf, load_checkpoint_weights
+from launch.cli import build_parser, main
+from launch.commands.resume import build_resume_config
+from tests.conftest import tiny_config
+
+RECIPES = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def source(tiny_corpus, tmp_path_factory):
+    return run_source(tiny_corpus, tmp_path_factory.mktemp("source") / "run")
+
+
+def write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def new_config(corpus: Path, tmp_path: Path, run_dir: Path, **overrides) -> Path:
+    """A continual config: replay 'tiny' 25% + new 'b' 75%, rewarm; train.steps = steps to add."""
+    values = {"schedule": dict(REWARM), "train.steps": 4, "data.sources": two_sources(corpus), **overrides}
+    return write_yaml(tmp_path / "new.yaml", tiny_config(corpus, run_dir, **values))
+
+
+def test_resume_with_a_new_config_trains_and_pins_the_policy(tiny_corpus, source, tmp_path, capsys):
+    run_dir = tmp_path / "b"
+    config = new_config(tiny_corpus, tmp_path, run_dir)
+    assert main(["resume", str(source.run_dir), "--config", str(config), "--optimizer", "reset"]) == 0
+    out = capsys.readouterr().out
+    assert "note: schedule: 'restart' by default (a new config was given)" in out
+    assert "note: data: 'new' by default (the mixture changed)" in out
+    assert "  optimizer: reset (fresh AdamW: zero moments, step 0)" in out
+    assert "  step:      continued at 6 -> ends at 10 (4 steps;" in out
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.steps == 10  # 4 steps counted from the source's step 6
+    policy = saved.continual
+    assert (policy.optimizer, policy.schedule, policy.data, policy.step) == ("reset", "restart", "new", "continue")
+    assert policy.source == str(source.step_dir.resolve()) and policy.current_lr == pytest.approx(LR_CONST)
+    assert json.loads((run_dir / "summary.json").read_text())["step"] == 10
+
+
+def test_resume_without_a_config_continues_everything_by_default(tiny_corpus, source, tmp_path, capsys):
+    src = tmp_path / "src"  # a private copy: the default run dir is a sibling of the source
+    source_copy = run_source(tiny_corpus, src)
+    assert main(["resume", str(source_copy.step_dir), "--steps", "2", "--no-train"]) == 0
+    out = capsys.readouterr().out
+    assert "note: schedule: 'continue' by default (no new config was given)" in out
+    assert "note: data: 'continue' by default (same sources as the source run)" in out
+    run_dir = tmp_path / "src-resume-6"
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.train.steps == 8 and saved.continual.schedule == "continue"
+    assert saved.continual.source_schedule == source_copy.schedule
+    assert saved.continual.data == "continue" and saved.continual.optimizer == "keep"
+    # a second `resume` into the same run is refused: it has its own checkpoints now
+    assert main(["resume", str(source_copy.step_dir), "--steps", "2"]) == 2
+    assert "already has checkpoints" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "give a SOURCE checkpoint or --from-hf DIR"),
+        (["--steps", "2", "--run-dir", "{source}"], "is the source run"),
+        (["--steps", "2", "--config", "{tmp}/missing.yaml"], "config file not found"),
+        (["--schedule", "continue", "--step", "reset", "--run-dir", "{tmp}/x"], "schedule: 'continue' needs step 'continue'"),
+        (["--anneal", "2", "--schedule", "continue"], "an anneal branch needs schedule 'restart'"),
+        (["--anneal", "2", "--steps", "3"], "--steps: an anneal branch runs --anneal STEPS steps"),
+        (["--anneal-to", "1e-4", "--run-dir", "{tmp}/y"], "only with --anneal"),
+    ],
+)
+def test_resume_refuses_contradictions_with_exit_2(source, tmp_path, capsys, argv, message):
+    argv = [a.format(source=source.run_dir, tmp=tmp_path) for a in argv]
+    positional = [str(source.run_dir)] if argv else []
+    assert main(["resume", *positional, *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_from_hf_loads_the_weights_and_resets_the_rest(tiny_corpus, source, tmp_path, capsys):
+    hf_dir = export_hf(source.step_dir, tmp_path / "hf")
+    assert main(["resume", "--from-hf", str(hf_dir)]) == 2
+    assert "--from-hf: needs --config" in capsys.readouterr().err
+    run_dir = tmp_path / "from_hf"
+    config = new_config(tiny_corpus, tmp_path, run_dir, schedule={"name": "cosine", "warmup_steps": 1})
+    assert main(["resume", "--from-hf", str(hf_dir), "--config", str(config), "--no-train"]) == 0
+    out = capsys.readouterr().out
+    assert f"  weights:   loaded from the Hugging Face directory {hf_dir.resolve()}" in out
+    assert "  optimizer: reset" in out and "  step:      reset to 0 -> ends at 4 (4 steps)" in out
+    weights, _, _ = load_checkpoint_weights(run_dir)  # the new run's own step-0 checkpoint
+    assert (run_dir / "checkpoints" / "step_00000000").is_dir()
+    for name, tensor in weights.items():
+        torch.testing.assert_close(tensor, source.weights[name], rtol=0, atol=0, msg=name)
+    policy = load_config(run_dir / "config.yaml").continual
+    assert policy.from_hf == str(hf_dir.resolve()) and policy.start_step == 0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ("continual_rewarm.yaml", ("keep", "restart", "new", "continue")),
+        ("continual_infinite.yaml", ("keep", "restart", "new", "continue")),
+        ("continual_replay.yaml", ("keep", "restart", "continue", "continue")),
+    ],
+)
+def test_recipes_give_the_policy_they_document(source, recipe, expected, tmp_path):
+    args = build_parser().parse_args(
+        ["resume", str(source.run_dir), "--config", str(RECIPES / recipe), "--run-dir", str(tmp_path / "r")]
+    )
+    cfg, _ = build_resume_config(args)
+    policy = cfg.continual
+    assert (policy.optimizer, policy.schedule, policy.data, policy.step) == expected
+    recipe_steps = yaml.safe_load((RECIPES / recipe).read_text())["train"]["steps"]
+    assert cfg.train.steps == 6 + recipe_steps and policy.start_step == 6
+    if recipe == "continual_replay.yaml":
+        assert {s.name: s.weight for s in cfg.data.sources} == {"new_domain": 0.75, "stdlib": 0.25}
