@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from data_pipeline.config import DataConfig
 from engine.continual import ContinualConfig
-from engine.continual import ContinualConfig
 from engine.schedules import ScheduleConfig
 from models.config import ModelConfig
 
@@ -108,7 +107,6 @@ class StrataConfig(BaseModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
 
     @model_validator(mode="after")

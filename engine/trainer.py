@@ -136,7 +136,6 @@ class Trainer:
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
         return True
-        return True
 
     def save(self) -> Path:
         return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
