@@ -12,12 +12,14 @@ processes, fresh process group) from the run directory's latest checkpoint, up t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,8 @@ def _prepare_ray_environment(local: bool) -> None:
     """Environment Ray reads at import/start: per-rank log lines are not merged, and a local
     instance takes 127.0.0.1 as its node address, so every Ray server binds to loopback."""
     os.environ["RAY_DEDUP_LOGS"] = "0"
+    if not sys.stdout.isatty():  # plain "(rank0 pid=..)" prefixes in log files, no ANSI colours
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if local:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         if "ray" in sys.modules:  # imported before us: the constant was already read
@@ -89,6 +93,7 @@ def connect(options: RayOptions) -> None:
 
     needed_cpus = options.world_size * options.cpus_per_worker
     ray.init(
+        address="local",  # always a new private instance, never one found in /tmp/ray or RAY_ADDRESS
         num_cpus=max(options.num_cpus or os.cpu_count() or 1, int(needed_cpus + 0.999)),
         num_gpus=torch.cuda.device_count() if torch.cuda.is_available() else 0,
         _node_ip_address=LOOPBACK,
@@ -147,7 +152,7 @@ class TrainWorker:
             sock.bind((host, 0))
             return host, int(sock.getsockname()[1])
 
-    def run(self, config: str, overrides: list[str], resume: str | None, master: tuple[str, int],
+    def run(self, config: str | dict, overrides: list[str], resume: str | None, master: tuple[str, int],
             attempt: int, sample_log_dir: str | None) -> int:
         os.environ.update(
             RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
@@ -173,7 +178,11 @@ def _signal_process(pid: int, signum: int) -> None:
 
 @dataclass(frozen=True)
 class RayRun:
-    config: str
+    """What every worker trains: a config (YAML path, or an already-resolved config tree), its
+    overrides, the run directory to resume from on the first attempt (None = fresh) and the run
+    directory itself (every restart resumes from it)."""
+
+    config: str | dict
     overrides: tuple[str, ...]
     resume: str | None
     run_dir: str
@@ -351,3 +360,77 @@ def launch_ray(run: RayRun, options: RayOptions) -> int:
 
             if ray.is_initialized():
                 ray.shutdown()
+
+
+def submit_ray(cfg: Any, num_workers: int = 2, **option_overrides: Any) -> int:
+    """Trains a resolved config (StrataConfig or its dict) on a private local Ray instance with
+    `num_workers` ranks (one GPU each when this machine has that many, else CPU/gloo)."""
+    import torch
+
+    tree = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else copy.deepcopy(dict(cfg))
+    run_dir = str(Path(tree["train"]["run_dir"]).absolute())
+    tree["train"]["run_dir"] = run_dir
+    gpus = 1.0 if torch.cuda.is_available() and torch.cuda.device_count() >= num_workers else 0.0
+    options = RayOptions(workers_per_node=num_workers, gpus_per_worker=gpus, **option_overrides)
+    return launch_ray(RayRun(tree, (), None, run_dir), options)
+
+
+# -- data work: ordered fan-out over stateful Ray actors -------------------------------------------
+
+class _StatefulWorker:
+    """Builds its object once (e.g. a tokenizer-holding encoder), then applies one method per item."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.obj = factory()
+
+    def call(self, method: str, item: Any) -> Any:
+        return getattr(self.obj, method)(item)
+
+
+def ray_ordered_map(factory: Callable[[], Any], method: str, items: Iterable[Any], workers: int,
+                    in_flight_per_worker: int = 2, address: str | None = None) -> Iterator[Any]:
+    """`getattr(factory(), method)(item)` for each item on `workers` Ray actors; results come back in
+    input order with at most `workers * in_flight_per_worker` items in flight (bounded memory).
+
+    Connects like the training launcher (a private 127.0.0.1 instance unless `address`, or the
+    cluster this process already joined). The caller keeps all state that makes its work
+    resumable (e.g. the ShardSet writer's committed shards); this only moves the compute.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        connect(RayOptions(address=address, num_cpus=workers, workers_per_node=workers))
+    actor_cls = ray.remote(num_cpus=1)(_StatefulWorker)
+    actors = [actor_cls.remote(factory) for _ in range(max(1, workers))]
+    pending: deque = deque()
+    try:
+        for index, item in enumerate(items):
+            pending.append(actors[index % len(actors)].call.remote(method, item))
+            if len(pending) >= len(actors) * in_flight_per_worker:
+                yield ray.get(pending.popleft())
+        while pending:
+            yield ray.get(pending.popleft())
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def ray_encoded_batches(batches: Iterable[list[tuple]], encoder_args: tuple, workers: int,
+                        address: str | None = None) -> Iterator[tuple[list[tuple], Any]]:
+    """Drop-in for data_pipeline.prepare's process-pool encoder: (batch, EncodedBatch) pairs in
+    input order, the encoding done by data_pipeline.prepare.DocumentEncoder actors on Ray.
+    Each batch holds (index, source, kind, payload) records, as prepare builds them."""
+    from functools import partial
+
+    from data_pipeline.prepare import DocumentEncoder
+
+    queued: deque = deque()
+
+    def payloads() -> Iterator[list[tuple]]:
+        for batch in batches:
+            queued.append(batch)
+            yield [(record[2], record[3]) for record in batch]
+
+    for encoded in ray_ordered_map(partial(DocumentEncoder, *encoder_args), "encode", payloads(), workers,
+                                   address=address):
+        yield queued.popleft(), encoded

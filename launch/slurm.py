@@ -232,7 +232,7 @@ def _ray_driver_command(job: SlurmJob, request: TrainRequest, ray_argv: Sequence
         argv += ["--set", override]
     if request.resume:
         argv += ["--resume", request.resume]
-    return " ".join(_q(a) for a in argv) + ' --address "$RAY_ADDRESS"'
+    return " ".join(_q(a) for a in argv) + ' --address "$RAY_ADDRESS" "${resume_args[@]}"'
 
 
 _SUPERVISE = """\
@@ -320,6 +320,9 @@ def _ray_block(job: SlurmJob, request: TrainRequest, ray_argv: Sequence[str]) ->
         "done",
         "stop_ray() { kill \"${ray_pids[@]}\" 2>/dev/null || true; }",
         "trap stop_ray EXIT",
+        "# a requeued job resumes the run directory's latest checkpoint",
+        "resume_args=()",
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then resume_args=(--resume ' + _q(request.run_dir) + '); fi',
         f"{wrap}{_ray_driver_command(job, request, ray_argv)} &",
     ]
 
@@ -441,20 +444,18 @@ def job_states(job_ids: Sequence[str]) -> dict[str, dict[str, str]]:
 
 
 def find_log(job_id: str) -> Path | None:
-    """The output file of a job (or array element): from SLURM while it remembers the job,
-    else from the registry."""
+    """The output file of a job (or of an array element ARRAYJOB_INDEX): from SLURM while it
+    remembers the job, else from the registry."""
     check_job_id(job_id)
     for rec in scontrol_job(job_id):
-        key = f"{rec['ArrayJobId']}_{rec['ArrayTaskId']}" if rec.get("ArrayTaskId") else rec.get("JobId")
-        if rec.get("StdOut") and (key == job_id or "_" not in job_id):
+        element = f"{rec['ArrayJobId']}_{rec['ArrayTaskId']}" if rec.get("ArrayTaskId") else None
+        if rec.get("StdOut") and element in (None, job_id):
             return Path(rec["StdOut"])
     base = job_id.split("_")[0]
     for record in reversed(read_registry()):
         if record.job_id == base:
-            if record.array:
-                if "_" not in job_id:
-                    raise SlurmError(f"job {job_id} is an array: name one element, e.g. {job_id}_0")
-                return Path(record.log_dir) / f"{job_id}.out"
+            if record.array and "_" not in job_id:
+                raise SlurmError(f"job {job_id} is an array: name one element, e.g. {job_id}_0")
             return Path(record.log_dir) / f"{job_id}.out"
     return None
 

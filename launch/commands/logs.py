@@ -29,11 +29,13 @@ def add_parser(subparsers) -> None:
 
 
 def _job_finished(job_id: str) -> bool:
+    """True once SLURM reports a final state (or no longer knows the job)."""
     from launch.slurm import job_states
 
     states = job_states([job_id])
-    state = next(iter(states.values()), {}).get("state", "")
-    return not states or state.split()[0] in FINISHED if state else not states
+    if not states:
+        return True
+    return all(s.get("state", "").split(" ")[0] in FINISHED for s in states.values())
 
 
 def run(args: argparse.Namespace) -> int:

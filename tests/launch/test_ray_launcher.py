@@ -136,3 +136,26 @@ def test_run_that_keeps_failing_exits_nonzero_after_max_failures(local_ray, corp
     assert status == 1
     assert "restart 1/1 from the latest checkpoint" in out
     assert "no restarts left (--max-failures 1): the run failed" in out
+
+
+def test_ray_encoding_gives_the_process_pool_result_in_order(local_ray):
+    import numpy as np
+
+    from data_pipeline import sources
+    from data_pipeline.prepare import _encoded_batches
+    from data_pipeline.tokenizer import train_byte_level_bpe
+    from launch.ray_launcher import ray_encoded_batches
+
+    texts = [f"def function_{i}(x):\n    return x * {i} + {i % 7}\n" * (1 + i % 3) for i in range(60)]
+    tokenizer = train_byte_level_bpe(texts, vocab_size=300)
+    records = [(i, "src", sources.KIND_TEXT, t.encode()) for i, t in enumerate(texts)]
+    records.append((60, "src", sources.KIND_JSON, b"{not json"))
+    batches = [records[i:i + 7] for i in range(0, len(records), 7)]
+    encoder_args = (tokenizer.to_str(), 0, "uint16", "text", 1_000_000)
+    expected = list(_encoded_batches(iter(batches), encoder_args, workers=1))
+    got = list(ray_encoded_batches(iter(batches), encoder_args, workers=2))
+    assert [b for b, _ in got] == batches
+    for (_, want), (_, have) in zip(expected, got, strict=True):
+        assert have.outcomes == want.outcomes
+        assert np.array_equal(have.tokens, want.tokens) and np.array_equal(have.doc_lengths, want.doc_lengths)
+    assert got[-1][1].outcomes[-1] == "invalid_json"

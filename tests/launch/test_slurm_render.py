@@ -123,6 +123,7 @@ def test_ray_on_slurm_renders_head_workers_and_driver(tmp_path):
     assert "ray.scripts.scripts start --head --block" in script and "--include-dashboard=false" in script
     assert "--launcher ray" in script and '--address "$RAY_ADDRESS"' in script
     assert "--workers-per-node 4" in script
+    assert "resume_args=(--resume /runs/a)" in script and '"${resume_args[@]}"' in script  # requeue resumes
 
 
 def test_array_elements_get_their_own_run_dir_and_index():
