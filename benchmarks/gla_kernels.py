@@ -188,6 +188,7 @@ def run_cpu(args, report):
 
 
 def run_gpu(args, report, save):
+    """Per shape: correctness on this device, then timings (fla autotunes on its first calls)."""
     device = torch.device("cuda")
     have_fla = fla_available()
     report["gpu"] = {
@@ -197,71 +198,63 @@ def run_gpu(args, report, save):
         "timings": [],
     }
     started = time.time()
-    # correctness first, on the same device
-    checks = []
-    for name, batch, heads, key_dim, val_dim, *_ in GPU_SHAPES:
-        for backend in ["triton"] + (["fla"] if have_fla else []):
-            for seq_len in (1000,):
-                err = check_against_torch(
-                    backend, (min(batch, 2), heads, key_dim, val_dim), seq_len, device
-                )
-                checks.append(
-                    {"shape": name, "backend": backend, "T": seq_len, "varlen": False, **err}
-                )
-                print("check", checks[-1], flush=True)
-            # packed batch of documents (B = 1, cu_seqlens)
-            cu = torch.tensor([0, 100, 1100, 1164, 3000], device=device, dtype=torch.int32)
-            err = check_against_torch(
-                backend, (1, heads, key_dim, val_dim), 3000, device, cu_seqlens=cu
-            )
-            checks.append({"shape": name, "backend": backend, "T": 3000, "varlen": True, **err})
-            print("check", checks[-1], flush=True)
-    err = check_against_torch("triton", (2, 4, 64, 48), 300, device, dtype=torch.float32)
-    checks.append({"shape": "fp32 small", "backend": "triton", "T": 300, "varlen": False, **err})
-    print("check", checks[-1], flush=True)
-    report["gpu"]["checks"] = checks
-    save()
 
+    def log(kind, row):
+        shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+        print(f"[{time.time() - started:6.1f}s] {kind}", shown, flush=True)
+
+    def check(**row):
+        report["gpu"]["checks"].append(row)
+        log("check", row)
+        save()
+
+    err = check_against_torch("triton", (2, 4, 64, 48), 300, device, dtype=torch.float32)
+    check(shape="fp32 small", backend="triton", T=300, varlen=False, **err)
     for name, batch, heads, key_dim, val_dim, sdpa_heads, sdpa_dim in GPU_SHAPES:
         if name not in args.shapes:
             continue
+        dims = (min(batch, 2), heads, key_dim, val_dim)
+        for backend in ["triton"] + (["fla"] if have_fla else []):
+            check(
+                shape=name,
+                backend=backend,
+                T=1000,
+                varlen=False,
+                **check_against_torch(backend, dims, 1000, device),
+            )
+        # packed batch of 4 documents (B = 1, cu_seqlens); fla's varlen kernels would autotune anew
+        cu = torch.tensor([0, 100, 1100, 1164, 3000], device=device, dtype=torch.int32)
+        err = check_against_torch("triton", (1, *dims[1:]), 3000, device, cu_seqlens=cu)
+        check(shape=name, backend="triton", T=3000, varlen=True, **err)
+
         for seq_len in args.seq_lens if name == "A" else args.paper_seq_lens:
             if time.time() - started > args.time_budget:
                 print(f"time budget reached, skipping {name} T={seq_len}", flush=True)
                 continue
             row = {"shape": name, "B": batch, "H": heads, "K": key_dim, "V": val_dim, "T": seq_len}
-            timers = {
-                "triton": gla_timer("triton", batch, seq_len, heads, key_dim, val_dim, device)
-            }
-            if have_fla:
-                timers["fla"] = gla_timer("fla", batch, seq_len, heads, key_dim, val_dim, device)
-            timers["sdpa_flash"] = sdpa_timer(batch, seq_len, sdpa_heads, sdpa_dim, device)
-            for label, fn in timers.items():
-                row[f"{label} ms"] = cuda_median_ms(fn, reps=args.reps)
-            fwd = {
-                "triton": gla_timer(
-                    "triton", batch, seq_len, heads, key_dim, val_dim, device, backward=False
+            backends = ["triton"] + (["fla"] if have_fla else [])
+            for backend in backends:
+                step = gla_timer(backend, batch, seq_len, heads, key_dim, val_dim, device)
+                row[f"{backend} ms"] = cuda_median_ms(step, reps=args.reps)
+                del step
+                step = gla_timer(
+                    backend, batch, seq_len, heads, key_dim, val_dim, device, backward=False
                 )
-            }
-            if have_fla:
-                fwd["fla"] = gla_timer(
-                    "fla", batch, seq_len, heads, key_dim, val_dim, device, backward=False
-                )
-            with torch.no_grad():
-                for label, fn in fwd.items():
-                    row[f"{label} fwd ms"] = cuda_median_ms(fn, reps=args.reps)
+                with torch.no_grad():
+                    row[f"{backend} fwd ms"] = cuda_median_ms(step, reps=args.reps)
+                del step
+            step = sdpa_timer(batch, seq_len, sdpa_heads, sdpa_dim, device)
+            row["sdpa_flash ms"] = cuda_median_ms(step, reps=args.reps)
+            del step
             if have_fla:
                 row["triton/fla"] = row["triton ms"] / row["fla ms"]
             row["triton/sdpa"] = row["triton ms"] / row["sdpa_flash ms"]
             report["gpu"]["timings"].append(row)
-            del timers, fwd
             torch.cuda.empty_cache()
-            print(
-                "time",
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()},
-                flush=True,
-            )
+            log("time", row)
             save()
+        if name == "A" and args.profile:
+            profile_kernels(report, save)
 
 
 def profile_kernels(report, save, seq_len=4096):
@@ -379,8 +372,6 @@ def main(argv=None) -> int:
 
     if device == "cuda":
         run_gpu(args, report, save)
-        if args.profile:
-            profile_kernels(report, save)
         if args.sweep:
             sweep_launch(report, save)
         print_gpu_table(report)
