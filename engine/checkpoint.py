@@ -1,9 +1,11 @@
 """Checkpoints: one DCP directory per step, committed atomically, resolved with fallback.
 
-Layout: `<run>/checkpoints/step_00000100/` holding the DCP shards of model + optimizer,
-`trainer_state.json` (step, counters, schedule and sampler state: world-size independent),
-`rng_rank<r>.bin`, and `COMPLETE` (written last, lists every file's size). A directory
-without a valid `COMPLETE` is never loaded; `latest()` falls back to the previous good one.
+Layout: `<run>/checkpoints/step_00000100/` holding the DCP shards of model + optimizer
+(resharded on load to whatever mesh the new run has), `trainer_state.json` (step, counters,
+schedule and sampler state: world-size independent), `rng_rank<r>.pt`, and `COMPLETE`
+(written last, lists every file's size). Everything is written into `step_N.tmp` and renamed
+when complete, so a crash leaves no directory that looks complete. A checkpoint with a missing
+or mismatching marker, or whose load raises, is skipped with a warning for the previous one.
 """
 
 from __future__ import annotations
@@ -11,12 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from engine.dist import DistContext, barrier
 
@@ -24,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+TMP_SUFFIX = ".tmp"
 
 
 def step_dir_name(step: int) -> str:
@@ -39,6 +52,14 @@ def _fsync_tree(path: Path) -> dict[str, int]:
     return sizes
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def verify(path: Path) -> str | None:
     """None when the checkpoint is complete and intact, else the reason it is not."""
     marker = path / MARKER
@@ -46,7 +67,7 @@ def verify(path: Path) -> str | None:
         return "no completion marker"
     try:
         sizes = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):
         return "unreadable completion marker"
     for rel, size in sizes.items():
         file = path / rel
@@ -65,14 +86,19 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def _warn_skip(path: Path, problem: str, loud: bool = True) -> None:
+    log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
+    if loud:
+        print(f"warning: skipping checkpoint {path}: {problem}; using the previous one", flush=True)
+
+
+def latest_checkpoint(root: Path, loud: bool = True) -> Path | None:
     """Newest intact checkpoint under `root`, warning about each broken one it skips."""
     for path in list_checkpoints(root):
         problem = verify(path)
         if problem is None:
             return path
-        log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
-        print(f"warning: skipping checkpoint {path}: {problem}; using the previous one", flush=True)
+        _warn_skip(path, problem, loud)
     return None
 
 
@@ -91,52 +117,156 @@ def resolve_checkpoint(source: str | Path) -> Path:
     raise FileNotFoundError(f"no intact checkpoint under {source}")
 
 
-class Checkpointer:
-    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3):
-        self.root, self.ctx, self.keep_last = Path(root), ctx, keep_last
+# -- RNG ------------------------------------------------------------------------------------
+def rng_state() -> dict[str, Any]:
+    """Every generator this process uses, in a form `torch.load(weights_only=True)` reads."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
-    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict) -> Path:
-        """Writes everything into a temp dir on all ranks, then commits it with a rename."""
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- saving and loading ---------------------------------------------------------------------
+@dataclass
+class _PendingSave:
+    step: int
+    tmp: Path
+    final: Path
+    future: Any
+
+
+class Checkpointer:
+    """Saves (sync or async) and loads the checkpoints of one run directory.
+
+    At most one async save is in flight: the next save, `wait()` or `close()` finishes it and
+    only then commits it (marker + rename), so a checkpoint never looks complete early.
+    """
+
+    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False):
+        self.root, self.ctx, self.keep_last, self.async_save = Path(root), ctx, keep_last, async_save
+        self._pending: _PendingSave | None = None
+        # async writes run collectives from a background thread: give them their own group
+        self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainer_state: dict,
+        blocking: bool | None = None,
+    ) -> Path:
+        """Writes everything into `step_N.tmp` on all ranks, then commits it with a rename.
+
+        Async (`blocking=False`, or None with async_save on): returns once the state is staged
+        in host memory; the files are written in the background and committed later.
+        """
+        self.wait()
+        blocking = not self.async_save if blocking is None else blocking
         final = self.root / step_dir_name(step)
-        tmp = self.root / (step_dir_name(step) + ".tmp")
+        tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.ctx)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-        (tmp / f"rng_rank{self.ctx.rank}.bin").write_bytes(bytes(torch.get_rng_state().tolist()))
+        state = {"model": model_sd, "optim": optim_sd}
+        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
         if self.ctx.is_main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        barrier(self.ctx)
-        if self.ctx.is_main:
-            sizes = _fsync_tree(tmp)
-            (tmp / MARKER).write_text(json.dumps({"step": step, "files": sizes}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self._prune()
-        barrier(self.ctx)
+        if blocking:
+            dcp.save(state, checkpoint_id=str(tmp))
+            self._commit(step, tmp, final)
+        else:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            self._pending = _PendingSave(step, tmp, final, getattr(future, "upload_completion", future))
         return final
 
+    def wait(self) -> Path | None:
+        """Finishes and commits the async save in flight, if any; returns its directory."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        pending.future.result()
+        self._commit(pending.step, pending.tmp, pending.final)
+        return pending.final
+
+    close = wait
+
+    def _commit(self, step: int, tmp: Path, final: Path) -> None:
+        barrier(self.ctx)  # every rank's shards are on disk
+        if self.ctx.is_main:
+            sizes = _fsync_tree(tmp)
+            marker = tmp / (MARKER + TMP_SUFFIX)
+            marker.write_text(json.dumps({"step": step, "files": sizes}))
+            with marker.open("rb") as handle:
+                os.fsync(handle.fileno())
+            marker.replace(tmp / MARKER)
+            old = final.with_name(final.name + ".old")
+            if final.exists():  # re-saving a step: keep the old copy until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+            shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+        barrier(self.ctx)
+
     def _prune(self) -> None:
+        """Keeps the newest `keep_last` intact checkpoints; drops leftovers of crashed saves."""
         good = [p for p in list_checkpoints(self.root) if verify(p) is None]
         for old in good[self.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.root.glob("step_*" + TMP_SUFFIX):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Restores model (+ optimizer) resharded to this run's mesh; returns the trainer state."""
         if optimizer is None:
-            model_sd = get_state_dict(model, [], options=StateDictOptions())[0]
-            dcp.load({"model": model_sd}, checkpoint_id=str(path))
-            set_state_dict(model, [], model_state_dict=model_sd, optim_state_dict={})
+            state = {"model": get_model_state_dict(model)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"])
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
             dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng_file = path / f"rng_rank{self.ctx.rank}.bin"
-        if not rng_file.exists():
-            rng_file = path / "rng_rank0.bin"
-        torch.set_rng_state(torch.tensor(list(rng_file.read_bytes()), dtype=torch.uint8))
+        rng_file = path / f"rng_rank{self.ctx.rank}.pt"
+        if not rng_file.exists():  # a rank the saving run did not have
+            rng_file = path / "rng_rank0.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=True))
         return json.loads((path / STATE_FILE).read_text())
+
+    def load_latest(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[Path, dict] | None:
+        """Loads the newest checkpoint that verifies and loads; skips (and says so) the others.
+
+        Every rank sees the same files and DCP raises a failed read on every rank, so all
+        ranks skip the same checkpoints. None when there is no usable checkpoint.
+        """
+        for path in list_checkpoints(self.root):
+            problem = verify(path)
+            if problem is None:
+                try:
+                    return path, self.load(path, model, optimizer)
+                except Exception as err:  # a corrupt file of the right size, an unreadable state
+                    problem = f"loading failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+            _warn_skip(path, problem, loud=self.ctx.is_main)
+        return None

@@ -1,59 +1,134 @@
 """Parallelism: the device mesh and, in order, TP -> activation checkpointing -> compile -> FSDP2.
 
-One function per concern, applied in that order by `parallelize_model`. Without a process
-group only activation checkpointing and compile apply; with one (even of size 1 on a GPU, for
-the bf16 mixed-precision policy) FSDP2 shards every block and the root.
+`parallelize_model` applies one small function per concern in that order. The mesh is
+(dp_replicate, dp_shard, tp) with tp innermost; FSDP2 shards over dp_shard (HSDP: replicated
+over dp_replicate as well). Without a process group only activation checkpointing and compile
+apply. The model families' TP plans live with the models (ModelSpec.parallelize_tp).
 """
 
 from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import defaultdict
+from collections.abc import Iterable
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from engine.config import ParallelConfig
+from engine.config import ConfigError, ParallelConfig
 from engine.dist import DistContext
 
+MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
-def resolve_degrees(cfg: ParallelConfig, world_size: int) -> tuple[int, int, int]:
-    """(dp_replicate, dp_shard, tp) with -1 resolved; raises ValueError naming the field."""
+
+class ParallelDims(NamedTuple):
+    """Resolved degrees; ranks are laid out (dp_replicate, dp_shard, tp) with tp innermost."""
+
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel width: how many different batches one step sees."""
+        return self.dp_replicate * self.dp_shard
+
+    def dp_rank(self, rank: int) -> int:
+        """Which data-parallel slice a global rank reads (ranks of one TP group share it)."""
+        return rank // self.tp
+
+
+def resolve_degrees(cfg: ParallelConfig, world_size: int) -> ParallelDims:
+    """(dp_replicate, dp_shard, tp) with -1 resolved; raises ConfigError naming the fields."""
     fixed = cfg.dp_replicate * cfg.tp
     if world_size % fixed:
-        raise ValueError(
+        raise ConfigError(
             f"parallel: dp_replicate ({cfg.dp_replicate}) x tp ({cfg.tp}) does not divide the world size ({world_size})"
         )
     shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
     if cfg.dp_replicate * shard * cfg.tp != world_size:
-        raise ValueError(
+        raise ConfigError(
             f"parallel: dp_replicate x dp_shard x tp = {cfg.dp_replicate}x{shard}x{cfg.tp} != world size {world_size}"
         )
-    return cfg.dp_replicate, shard, cfg.tp
+    return ParallelDims(cfg.dp_replicate, shard, cfg.tp)
 
 
-def apply_activation_checkpointing(model: nn.Module, cfg: ParallelConfig) -> None:
-    if cfg.activation_checkpointing == "none":
+def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
+    """The 3-D named mesh over the whole process group."""
+    return init_device_mesh(device_type, tuple(dims), mesh_dim_names=MESH_DIMS)
+
+
+# -- 1. tensor parallel ---------------------------------------------------------------------
+def apply_tp(model: nn.Module, tp_plan, tp_mesh: DeviceMesh, cfg: ParallelConfig, family: str) -> None:
+    """Runs the family's TP plan; options it does not take are a clear error, never ignored.
+    A plan raises ValueError naming the field when the model cannot be split tp ways."""
+    if tp_plan is None:
+        raise ConfigError(f"parallel.tp: model family {family!r} has no tensor-parallel plan")
+    options = {"sequence_parallel": cfg.sequence_parallel, "loss_parallel": cfg.loss_parallel}
+    accepted = inspect.signature(tp_plan).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    for name, enabled in options.items():
+        if enabled and not (takes_any or name in accepted):
+            raise ConfigError(f"parallel.{name}: model family {family!r} does not support it")
+    try:
+        tp_plan(model, tp_mesh, **{k: v for k, v in options.items() if v})
+    except ValueError as err:  # plans raise ValueError naming the field that cannot be split
+        raise ConfigError(str(err)) from None
+
+
+# -- 2. activation checkpointing ----------------------------------------------------------
+_SAVED_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _op_level_policy(ctx, op, *args, **kwargs):
+    """Op-level selective AC: keep matmul and attention outputs, recompute the cheap rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1, op_level: bool = False) -> None:
+    """none | selective (every `every`-th block, or op-level in every block) | full."""
+    if mode == "none":
         return
+    if mode not in ("selective", "full"):
+        raise ConfigError(f"parallel.activation_checkpointing: unknown mode {mode!r}")
+    kwargs = {"preserve_rng_state": False}
+    if mode == "selective" and op_level:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = partial(create_selective_checkpoint_contexts, _op_level_policy)
     for index, (name, block) in enumerate(list(model.layers.items())):
-        if cfg.activation_checkpointing == "full" or index % cfg.ac_every == 0:
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+        if mode == "full" or op_level or index % every == 0:
+            model.layers[name] = checkpoint_wrapper(block, **kwargs)
 
 
+# -- 3. compile ---------------------------------------------------------------------------
 def apply_compile(model: nn.Module) -> None:
     for name, block in list(model.layers.items()):
         model.layers[name] = torch.compile(block, fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, ctx: DistContext, cfg: ParallelConfig) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
+# -- 4. FSDP2 -----------------------------------------------------------------------------
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, device_type: str) -> None:
+    """fully_shard per block and at the root; a 2-D dp mesh = HSDP. bf16/fp32-reduce on GPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    _, shard, _ = resolve_degrees(cfg, ctx.world_size)
-    mesh = init_device_mesh(ctx.device.type, (shard,), mesh_dim_names=("dp_shard",))
-    mp = None
-    if ctx.device.type == "cuda":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp else {})
+    kwargs: dict = {"mesh": dp_mesh}
+    if device_type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block's params are needed at once by the root's backward: keep them gathered
@@ -61,10 +136,75 @@ def apply_fsdp(model: nn.Module, ctx: DistContext, cfg: ParallelConfig) -> None:
     fully_shard(model, **kwargs)
 
 
-def parallelize_model(model: nn.Module, cfg: ParallelConfig, ctx: DistContext) -> nn.Module:
-    apply_activation_checkpointing(model, cfg)
+def parallelize_model(model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec=None) -> nn.Module:
+    """TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
+
+    `spec` is the family's models.spec.ModelSpec (looked up from `model.cfg.family` if None).
+    """
+    dims = resolve_degrees(cfg, ctx.world_size)
+    mesh = build_mesh(dims, ctx.device.type) if dist.is_initialized() else None
+    if dims.tp > 1:
+        if spec is None:
+            from models.spec import get_spec
+
+            spec = get_spec(model.cfg.family)
+        apply_tp(model, spec.parallelize_tp, mesh["tp"], cfg, spec.name)
+    elif cfg.sequence_parallel or cfg.loss_parallel:
+        raise ConfigError("parallel.sequence_parallel / loss_parallel need parallel.tp > 1")
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
-    if dist.is_initialized():
-        apply_fsdp(model, ctx, cfg)
+    if mesh is not None:
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+        apply_fsdp(model, dp_mesh, ctx.device.type)
     return model
+
+
+# -- helpers for the training step ----------------------------------------------------------
+def loss_context(logits: torch.Tensor) -> contextlib.AbstractContextManager:
+    """`loss_parallel()` when the logits are vocab-sharded DTensors, else a no-op context.
+    Both the loss and its backward must run inside it."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(logits, DTensor):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+    return contextlib.nullcontext()
+
+
+def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients, plain tensors and DTensors on any meshes together.
+
+    DTensors are grouped by (mesh, placements) so each group is one foreach norm and one
+    collective; the result is a plain 0-d tensor, the same on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    groups: dict = defaultdict(list)
+    for p in parameters:
+        if p.grad is None:
+            continue
+        g = p.grad
+        key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else (None, g.device)
+        groups[key].append(g)
+    norms = []
+    for (mesh, _), grads in groups.items():
+        norm = torch.nn.utils.get_total_norm(grads)
+        norms.append((norm.full_tensor() if mesh is not None else norm).float().cpu())
+    if len(norms) <= 1:
+        return norms[0] if norms else torch.zeros(())
+    return torch.stack(norms).pow(2).sum().sqrt()
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scales gradients so their global norm is at most `max_norm`; returns the norm before."""
+    parameters = [p for p in parameters if p.grad is not None]
+    total = total_grad_norm(parameters)
+    by_mesh: dict = defaultdict(list)
+    for p in parameters:
+        by_mesh[getattr(p.grad, "device_mesh", None)].append(p)
+    for params in by_mesh.values():
+        device = params[0].grad.device
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(device))
+    return total

@@ -18,14 +18,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import Checkpointer, latest_checkpoint
+from engine.checkpoint import Checkpointer
 from engine.config import StrataConfig, dump_config
+from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.dist import DistContext, all_reduce_sum
 from engine.evaluate import evaluate, token_byte_lengths
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops, plot_metrics
 from engine.optim import build_optimizer
-from engine.parallel import parallelize_model
-from engine.continual import resolve_continual, run_schedule, start_continual_run
+from engine.parallel import (
+    clip_grad_norm_,
+    loss_context,
+    parallelize_model,
+    resolve_degrees,
+    total_grad_norm,
+)
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
 from models.spec import get_spec
 
@@ -66,7 +72,7 @@ def build_model(cfg: StrataConfig, ctx: DistContext) -> torch.nn.Module:
     model.to_empty(device=ctx.device)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
-    return parallelize_model(model, cfg.parallel, ctx)
+    return parallelize_model(model, cfg.parallel, ctx, spec)
 
 
 def find_tokenizer(cfg: StrataConfig) -> Path | None:
@@ -92,6 +98,9 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.train.seed)
+        # ranks of one tensor-parallel group read the same batch: the loader shards over dp only
+        self.dims = resolve_degrees(cfg.parallel, ctx.world_size)
+        self.dp_rank, self.dp_size = self.dims.dp_rank(ctx.rank), self.dims.dp_size
         self.model = build_model(cfg, ctx)
         self.autocast = autocast_dtype(cfg, ctx.device)
         self.lr_max = float(cfg.optim.lr)
@@ -100,9 +109,11 @@ class Trainer:
         if loader is None:
             from data_pipeline.loader import build_train_loader
 
-            loader = build_train_loader(cfg.data, ctx.rank, ctx.world_size)
+            loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
         self.loader = loader
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
+        )
         self.stop = StopRequest().install()
         self.step, self.tokens_seen = 0, 0
         spec = get_spec(cfg.model.family)
@@ -123,13 +134,13 @@ class Trainer:
         }
 
     def _resume(self) -> bool:
-        path = latest_checkpoint(self.run_dir / "checkpoints")
-        if path is None:
+        found = self.checkpointer.load_latest(self.model, self.optimizer)  # skips broken ones, says so
+        if found is None:
             if self.ctx.is_main:
                 start = "the continual source" if self.cfg.continual.active else "step 0"
                 print(f"no checkpoint under {self.run_dir / 'checkpoints'}: starting from {start}", flush=True)
             return False
-        state = self.checkpointer.load(path, self.model, self.optimizer)
+        path, state = found
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.schedule.load_state_dict(state["schedule"])
         self.loader.load_state_dict(state["loader"])
@@ -137,17 +148,18 @@ class Trainer:
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
         return True
 
-    def save(self) -> Path:
-        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state())
+    def save(self, blocking: bool | None = None) -> Path:
+        """Checkpoints this step; async (committed when written) if configured, unless `blocking`."""
+        return self.checkpointer.save(self.step, self.model, self.optimizer, self.trainer_state(), blocking=blocking)
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
         """Forward/backward over this rank's micro-batches; returns (loss, grad_norm, tokens)."""
         device = self.ctx.device
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        global_tokens = all_reduce_sum(local_tokens, self.ctx)
-        # FSDP averages gradients over ranks; scale so the result is the global token mean.
-        scale = self.ctx.world_size / max(global_tokens, 1)
+        global_tokens = all_reduce_sum(local_tokens, self.ctx) / self.dims.tp  # TP ranks share a batch
+        # FSDP averages gradients over the dp ranks; scale so the result is the global token mean.
+        scale = self.dp_size / max(global_tokens, 1)
         z_coef = self.cfg.model.z_loss
         loss_sum = 0.0
         for mb in micro_batches:
@@ -157,27 +169,26 @@ class Trainer:
             position_ids = position_ids.to(device, non_blocking=True) if position_ids is not None else None
             with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
                 logits = self.model(input_ids, position_ids)
-            logits = logits.float().flatten(0, 1)
-            flat_labels = labels.flatten()
-            nll = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
-            loss = nll
-            if z_coef:
-                mask = flat_labels != -100
-                loss = loss + z_coef * (torch.logsumexp(logits[mask], dim=-1) ** 2).sum()
-            (loss * scale).backward()
-            loss_sum += nll.item()
+            with loss_context(logits):  # loss parallel: vocab-sharded logits into the loss
+                logits = logits.float().flatten(0, 1)
+                flat_labels = labels.flatten()
+                nll = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
+                loss = nll
+                if z_coef:
+                    mask = flat_labels != -100
+                    loss = loss + z_coef * (torch.logsumexp(logits[mask], dim=-1) ** 2).sum()
+                (loss * scale).backward()
+            loss_sum += (nll.full_tensor() if hasattr(nll, "full_tensor") else nll).item()
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+            grad_norm = total_grad_norm(self.model.parameters())
         lr = self.schedule(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = all_reduce_sum(loss_sum, self.ctx) / max(global_tokens, 1)
+        loss = all_reduce_sum(loss_sum, self.ctx) / self.dims.tp / max(global_tokens, 1)
         return loss, float(grad_norm), int(global_tokens)
 
     # -- eval --------------------------------------------------------------------------------
@@ -194,11 +205,11 @@ class Trainer:
         batches = eval_batches(
             shardset,
             self.cfg.data.seq_len,
-            self.cfg.data.micro_batch_size * self.ctx.world_size,
+            self.cfg.data.micro_batch_size * self.dp_size,
             self.cfg.train.eval_batches or 10**12,
             cross_document_attention=self.cfg.data.cross_document_attention,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
         )
         return evaluate(
             self.model,
@@ -206,7 +217,7 @@ class Trainer:
             self.ctx.device,
             self.autocast,
             self._token_bytes,
-            reduce=lambda v: all_reduce_sum(v, self.ctx),
+            reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
             document_masking=not self.cfg.data.cross_document_attention,
         )
 
@@ -265,7 +276,7 @@ class Trainer:
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                     self.save()
                 if self._stop_agreed():
-                    self.save()
+                    self.save(blocking=True)
                     if ctx.is_main:
                         print(f"stop requested ({self.stop.signal_name}): checkpointed step {self.step}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
                     exit_code = REQUEUE_EXIT_CODE
@@ -275,7 +286,8 @@ class Trainer:
                 if val and sink:
                     sink.write({"step": self.step, **val})
                 if cfg.checkpoint.save_final:
-                    self.save()
+                    self.save(blocking=True)
+                self.checkpointer.wait()  # commits a pending async save
         finally:
             self.loader.close()
             if sink:

@@ -185,10 +185,10 @@ def llama_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def _parallelize_tp(model: nn.Module, tp_mesh) -> None:
+def _parallelize_tp(model: nn.Module, tp_mesh, **options) -> None:
     from models.llama_tp import apply_llama_tp
 
-    apply_llama_tp(model, tp_mesh)
+    apply_llama_tp(model, tp_mesh, **options)  # options: sequence_parallel, loss_parallel
 
 
 register(ModelSpec("llama", Llama, llama_flops_per_token, _parallelize_tp, "models.hf_llama"))

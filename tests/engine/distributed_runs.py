@@ -1,0 +1,151 @@
+"""Helpers of the distributed engine tests: tiny training runs as N real processes on CPU (gloo).
+
+Ranks are forked from a forkserver that has imported the engine once (no per-rank import
+cost), each with the torch.distributed environment a launcher would give it. Runs that
+several test files compare against are memoized per session (`shared_run`).
+(A uniquely named module, not conftest.py: the test files import it by name.)
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from tests.conftest import tiny_config
+
+STEP_TIMEOUT_S = 300
+_SHARED: dict[str, Path] = {}
+_CONTEXT = None
+
+
+def run_tree(corpus: Path, run_dir: Path, steps: int = 10, **overrides) -> dict:
+    """The tiny Llama of tests/conftest.py, deterministic, constant LR after 2 warmup steps
+    (so runs of different lengths follow the same curve), no prefetch thread."""
+    values = {
+        "train.steps": steps,
+        "train.deterministic": True,
+        "train.num_threads": 1,
+        "train.eval_batches": 0,  # the whole (small) val set: the same rows at any dp size
+        "schedule": {"name": "constant", "warmup_steps": 2},
+        "data.prefetch": 0,
+        "checkpoint.every": 0,
+        "logging.tensorboard": False,
+        "logging.progress": False,
+    }
+    values.update(overrides)
+    return tiny_config(corpus, run_dir, **values)
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["engine.trainer", "engine.entry", "distributed_runs"])
+    return _CONTEXT
+
+
+def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume: str | None,
+               overrides: list[str], log_path: str, sys_path: list[str]) -> None:
+    sys.path[:] = sys_path
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    if world_size > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["OMP_NUM_THREADS"] = "1"
+    code = 1
+    try:
+        from engine.entry import run_training
+
+        code = run_training(tree, overrides, resume).exit_code
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class RankGroup:
+    """N rank processes of one run; logs in RUN_DIR/rank<r>.log."""
+
+    def __init__(self, nproc: int, run_dir: Path, tree: dict | None = None, resume: str | None = None,
+                 overrides: list[str] | None = None) -> None:
+        from launch.local import free_port
+
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        ctx = _context()
+        self.procs = [
+            ctx.Process(target=_rank_main, args=(r, nproc, port, tree, resume, overrides or [],
+                                                 str(self.run_dir / f"rank{r}.log"), list(sys.path)))
+            for r in range(nproc)
+        ]
+        for proc in self.procs:
+            proc.start()
+
+    def wait(self, timeout: float = STEP_TIMEOUT_S) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        if any(p.exitcode is None for p in self.procs):
+            self.kill()
+            raise AssertionError(f"ranks of {self.run_dir} still running after {timeout}s:\n{self.logs()}")
+        return [p.exitcode for p in self.procs]
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.exitcode is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.join()
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-3000:] for p in sorted(self.run_dir.glob("rank*.log")))
+
+
+def run_ranks(nproc: int, run_dir: Path, tree: dict | None = None, resume: str | None = None,
+              overrides: list[str] | None = None, expect: int = 0) -> Path:
+    """Runs to completion; asserts every rank exited with `expect`; returns the run dir."""
+    group = RankGroup(nproc, run_dir, tree, resume, overrides)
+    codes = group.wait()
+    assert codes == [expect] * nproc, f"exit codes {codes}\n{group.logs()}"
+    return Path(run_dir)
+
+
+def shared_run(key: str, tmp_path_factory, corpus: Path, nproc: int, **overrides) -> Path:
+    """A run several test files compare against, done once per session."""
+    if key not in _SHARED:
+        run_dir = tmp_path_factory.mktemp(key) / "run"
+        _SHARED[key] = run_ranks(nproc, run_dir, run_tree(corpus, run_dir, **overrides))
+    return _SHARED[key]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from metrics.jsonl; a step logged twice (a resumed run) keeps the last."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def assert_close(got: dict[int, float], want: dict[int, float], steps, rel: float = 1e-4) -> None:
+    for step in steps:
+        assert step in got, f"step {step} missing: {sorted(got)}"
+        assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
+
+
+def copy_run(run_dir: Path, dest: Path, keep_steps: list[int] | None = None) -> Path:
+    """A copy of a run directory's config and checkpoints (only `keep_steps` if given)."""
+    dest.mkdir(parents=True)
+    shutil.copy(run_dir / "config.yaml", dest / "config.yaml")
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        if keep_steps is None or int(ckpt.name.split("_")[1]) in keep_steps:
+            shutil.copytree(ckpt, dest / "checkpoints" / ckpt.name)
+    return dest
