@@ -18,6 +18,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -279,17 +281,33 @@ def _encoded_batches(
             yield batch, encoder.encode([(r[2], r[3]) for r in batch])
         return
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=encoder_args) as pool:
+    # ProcessPoolExecutor, not Pool: a worker that dies (e.g. killed for memory) raises
+    # BrokenProcessPool here instead of leaving its task pending forever
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=encoder_args) as pool:
         pending: deque = deque()
-        for batch in batches:
-            payloads = [(r[2], r[3]) for r in batch]
-            pending.append((batch, pool.apply_async(_encode_in_worker, (payloads,))))
-            if len(pending) >= 2 * workers:
-                done_batch, result = pending.popleft()
-                yield done_batch, result.get()
-        while pending:
-            done_batch, result = pending.popleft()
-            yield done_batch, result.get()
+        try:
+            for batch in batches:
+                payloads = [(r[2], r[3]) for r in batch]
+                pending.append((batch, pool.submit(_encode_in_worker, payloads)))
+                if len(pending) >= 2 * workers:
+                    done_batch, future = pending.popleft()
+                    yield done_batch, future.result()
+            while pending:
+                done_batch, future = pending.popleft()
+                yield done_batch, future.result()
+        except BrokenProcessPool as exc:
+            raise WorkerDied(
+                "a tokenizer worker process died (out of memory?); committed shards are kept, "
+                "run the same command again to resume"
+            ) from exc
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended abruptly; the run can be resumed."""
 
 
 def _train_tokenizer(

@@ -46,6 +46,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.formats.writer import ResumeMismatch
+    from data_pipeline.prepare import PrepareOptions, WorkerDied, prepare
     from data_pipeline.sources import InputError
 
     try:
@@ -53,7 +54,6 @@ def run(args: argparse.Namespace) -> int:
             return _run_builtin(args)
         if not args.inputs:
             raise InputError("no inputs given (or use --builtin stdlib)")
-        from data_pipeline.prepare import PrepareOptions, prepare
 
         options = PrepareOptions(
             format=args.format,
@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ResumeMismatch, PermissionError, FileNotFoundError, ValueError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerDied as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

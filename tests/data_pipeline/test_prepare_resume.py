@@ -114,3 +114,54 @@ def test_sigkill_at_several_points_then_resume_is_byte_identical(tmp_path):
     manifest = json.loads(expected["manifest.json"])
     assert manifest["counts"]["documents"] == len(texts)
     assert manifest["rejected"] == {"invalid_json": 1, "empty_document": 1}
+
+
+def _worker_pids() -> list[int]:
+    """Child processes of this test process that are multiprocessing spawn workers."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"multiprocessing" in cmdline and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_worker_is_a_clear_error_and_the_rerun_resumes(tmp_path):
+    import threading
+
+    from data_pipeline.prepare import WorkerDied
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    source = write_jsonl(tmp_path / "in.jsonl", corpus_texts(4000, seed=2))
+    options = PrepareOptions(tokenizer=str(tokenizer), shard_size="6kb", workers=2,
+                             batch_bytes=20_000, progress=False)
+    prepare([source], tmp_path / "reference", options)
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            prepare([source], tmp_path / "out", options)
+            outcome.append(None)
+        except BaseException as exc:  # reported to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not _worker_pids() and thread.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for pid in _worker_pids()[:1]:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(120)
+    assert isinstance(outcome[0], WorkerDied), outcome
+    prepare([source], tmp_path / "out", options)
+    assert output_files(tmp_path / "out") == output_files(tmp_path / "reference")
