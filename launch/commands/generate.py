@@ -1,0 +1,138 @@
+"""`strata generate CKPT --prompt TEXT`: continue a prompt with a trained model (any family).
+
+Loads the newest intact checkpoint under CKPT (engine/export.py), the run's tokenizer, and
+decodes with models/generate.py (Llama: KV cache; GLA: recurrent state). Prints the prompt and
+its continuation; `--ids` works on token ids instead of text (no tokenizer needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="continue a prompt with a trained checkpoint",
+        description="Greedy or sampled continuation of a prompt by a Strata checkpoint "
+        "(run dir, its checkpoints/ dir or one step dir: the newest intact one is used).",
+    )
+    parser.add_argument(
+        "checkpoint", metavar="CKPT", help="run directory, checkpoints directory or step directory"
+    )
+    parser.add_argument(
+        "--prompt", required=True, help="prompt text (with --ids: comma-separated token ids)"
+    )
+    parser.add_argument(
+        "--ids", action="store_true", help="prompt and output are token ids, not text"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="sample from the k most likely tokens only"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    parser.add_argument(
+        "--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOS"
+    )
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where to run (auto: cuda if available)",
+    )
+    parser.set_defaults(func=run)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise ValueError(f"--prompt: {text!r} is not a comma-separated list of token ids") from None
+    if not ids:
+        raise ValueError("--prompt: no token ids given")
+    return ids
+
+
+def _load_model(checkpoint: str, device: torch.device):
+    from engine.export import load_checkpoint_weights
+    from models.spec import get_spec
+
+    state_dict, model_cfg, run_dir = load_checkpoint_weights(checkpoint)
+    with torch.device("meta"):
+        model = get_spec(model_cfg.family).build(model_cfg)
+    model.to_empty(device=device)
+    model.init_weights()  # fills non-persistent buffers (Llama's RoPE tables); weights come next
+    model.load_state_dict(state_dict)
+    return model.eval(), model_cfg, run_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    from models.generate import generate
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("generate error: --device cuda but no CUDA device is available")
+        return 2
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    try:
+        model, model_cfg, run_dir = _load_model(args.checkpoint, device)
+        tokenizer, eos_id = None, None
+        if not args.ids or not args.no_eos_stop:
+            tokenizer, eos_id = _tokenizer(args.tokenizer, run_dir, required=not args.ids)
+        prompt = _parse_ids(args.prompt) if args.ids else tokenizer.encode(args.prompt).ids
+        if not prompt:
+            raise ValueError("--prompt: the text encodes to no tokens")
+        if max(prompt) >= model_cfg.vocab_size:
+            raise ValueError(
+                f"--prompt: token id {max(prompt)} is outside the vocabulary ({model_cfg.vocab_size})"
+            )
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        new = generate(
+            model,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            eos_id=None if args.no_eos_stop else eos_id,
+            generator=generator,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"generate error: {err}")
+        return 2
+    if args.ids:
+        print(",".join(str(i) for i in prompt + new))
+    else:
+        print(tokenizer.decode(prompt + new))
+    return 0
+
+
+def _tokenizer(path: str | None, run_dir: Path, required: bool):
+    """(tokenizer or None, eos id or None); a missing tokenizer is an error only for text prompts."""
+    from data_pipeline.tokenizer import find_eos_id, load_tokenizer
+    from engine.export import find_run_tokenizer
+
+    found = Path(path) if path else find_run_tokenizer(run_dir)
+    if found is None or not Path(found).is_file():
+        if required:
+            where = path or f"the run {run_dir} or next to its data"
+            raise FileNotFoundError(
+                f"--tokenizer: no tokenizer.json in {where} (pass --tokenizer or use --ids)"
+            )
+        return None, None
+    tokenizer = load_tokenizer(found)
+    try:
+        _, eos_id = find_eos_id(tokenizer)
+    except ValueError:
+        eos_id = None
+    return tokenizer, eos_id
