@@ -107,7 +107,11 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
         raise ConfigError(f"{args.source}: no config.yaml in its run directory {source.run_dir}")
     source_tree = read_yaml(source_config)
     source_tree.pop("continual", None)  # the source's own lineage; this run gets its own policy
-    tree = apply_overrides(read_yaml(args.config) if args.config else source_tree, list(args.overrides))
+    tree = read_yaml(args.config) if args.config else source_tree
+    if "model" not in tree:  # the architecture (and so the tokenizer's vocab) is the source's
+        tree["model"] = dict(source_tree.get("model") or {})
+        notes.append("model: the source run's (the new config has no model section)")
+    tree = apply_overrides(tree, list(args.overrides))
     from_yaml = dict(tree.pop("continual", None) or {})
     stray = sorted(set(from_yaml) - {"optimizer", "schedule", "data", "step"})
     if stray:

@@ -117,12 +117,33 @@ def test_resume_from_hf_loads_the_weights_and_resets_the_rest(tiny_corpus, sourc
 )
 def test_recipes_give_the_policy_they_document(source, recipe, expected, tmp_path):
     args = build_parser().parse_args(
-        ["resume", str(source.run_dir), "--config", str(RECIPES / recipe), "--run-dir", str(tmp_path / "r")]
+        ["resume", str(source.run_dir), "--config", str(RECIPES / recipe), "--run-dir", str(tmp_path / "r"),
+         "--set", "data.seq_len=32"]  # fmt: skip
     )
-    cfg, _ = build_resume_config(args)
+    cfg, notes = build_resume_config(args)
+    assert cfg.model == load_config(source.run_dir / "config.yaml").model  # omitted: the source's
+    assert "model: the source run's (the new config has no model section)" in notes
     policy = cfg.continual
     assert (policy.optimizer, policy.schedule, policy.data, policy.step) == expected
     recipe_steps = yaml.safe_load((RECIPES / recipe).read_text())["train"]["steps"]
     assert cfg.train.steps == 6 + recipe_steps and policy.start_step == 6
     if recipe == "continual_replay.yaml":
         assert {s.name: s.weight for s in cfg.data.sources} == {"new_domain": 0.75, "stdlib": 0.25}
+
+
+@pytest.mark.slow  # two spawned ranks: ~20-60 s on 2 busy cores
+def test_resume_on_two_processes_reshards_the_source_and_follows_the_same_curve(tiny_corpus, source, tmp_path):
+    """The 1-process source continued by 2 FSDP ranks (gloo), optimizer kept and data continued,
+    gives the losses of the same continuation in one process."""
+    losses = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"p{nproc}"
+        config = new_config(tiny_corpus, tmp_path, run_dir, **{"train.deterministic": True, "data.prefetch": 0})
+        argv = ["resume", str(source.step_dir), "--config", str(config), "--data", "continue", "--nproc", str(nproc)]
+        assert main(argv) == 0
+        records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[nproc] = {r["step"]: r["loss"] for r in records if "loss" in r}
+        assert json.loads((run_dir / "continual.json").read_text())["data"]["sampler_step"] == 6
+    assert sorted(losses[2]) == [7, 8, 9, 10]
+    for step in (7, 8, 9, 10):
+        assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-4), step
