@@ -433,6 +433,15 @@ def start_continual_run(trainer: Trainer, notes: list[str] | None = None) -> Con
             trainer.loader.load_state_dict(source.loader)
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"continual.data: 'continue' cannot take the source's data position: {err}") from None
+    notes = list(notes or [])
+    if policy.schedule == "continue":
+        old = trainer.schedule
+        notes.append("this config's schedule section is not used (schedule: continue)")
+        if old.start_step + old.total_steps < cfg.train.steps:
+            notes.append(
+                f"the source's schedule ends at step {old.start_step + old.total_steps}; later steps keep "
+                f"its final LR {old(cfg.train.steps - 1):.4g}"
+            )
     summary = ContinualSummary(
         run_dir=str(trainer.run_dir),
         source=str(source.path) if source else str(policy.from_hf),
@@ -452,7 +461,7 @@ def start_continual_run(trainer: Trainer, notes: list[str] | None = None) -> Con
             "first_lr": trainer.schedule(trainer.step),
         },
         data=_data_summary(trainer, source),
-        notes=list(notes or []),
+        notes=notes,
     )
     trainer.save()
     if trainer.ctx.is_main:

@@ -126,6 +126,11 @@ def test_step_and_schedule_continue(tiny_corpus, source, tmp_path):
     assert trainer.step == 6 and trainer.tokens_seen == source.tokens_seen
     assert trainer.schedule.state_dict() == source.schedule  # the source's schedule, not REWARM
     assert trainer.schedule(6) == pytest.approx(LR_CONST) and trainer.schedule(9) == pytest.approx(LR_CONST)
+    notes = json.loads((tmp_path / "c" / SUMMARY_FILE).read_text())["notes"]
+    assert notes == [
+        "this config's schedule section is not used (schedule: continue)",
+        f"the source's schedule ends at step 6; later steps keep its final LR {LR_CONST:.4g}",
+    ]
 
 
 def test_schedule_restart_rewarms_from_the_source_lr_at_the_start_step(tiny_corpus, source, tmp_path):
@@ -212,6 +217,9 @@ def test_summary_says_what_was_kept_and_reset(tiny_corpus, source, tmp_path, cap
         "policy": "continue", "start": 6, "end": 10, "tokens_seen": source.tokens_seen,
     }  # fmt: skip
     assert [s["name"] for s in saved["data"]["sources"]] == ["tiny", "b"]
+    b_epoch = trainer.loader.state_dict()["sources"]["b"]["tokens_per_epoch"]
+    planned = 0.75 * (10 - 6) * 8 * 32  # share x steps x global batch x seq_len
+    assert saved["data"]["sources"][1]["epoch_end"] == pytest.approx(planned / b_epoch)
     # the run's own first checkpoint, and a config that pins the policy and reloads
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
     pinned = load_config(run_dir / "config.yaml").continual
