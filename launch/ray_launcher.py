@@ -36,7 +36,7 @@ class RayOptions:
     address: str | None = None
     nodes: int = 1
     workers_per_node: int = 1
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has a GPU per worker, else 0 (CPU/gloo)
     cpus_per_worker: float = 1.0
     max_failures: int = 3
     object_store_mb: int = 256
@@ -53,7 +53,7 @@ class RayOptions:
         for name in ("nodes", "workers_per_node"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+        if (self.gpus_per_worker or 0) < 0 or self.cpus_per_worker <= 0:
             raise ValueError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
         if self.max_failures < 0:
             raise ValueError(f"--max-failures must be >= 0, got {self.max_failures}")
@@ -139,7 +139,8 @@ class TrainWorker:
         import ray
 
         return {"rank": self.rank, "pid": os.getpid(), "node_ip": ray.util.get_node_ip_address(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port on it (called on rank 0 only)."""
@@ -153,9 +154,13 @@ class TrainWorker:
             return host, int(sock.getsockname()[1])
 
     def run(self, config: str | dict, overrides: list[str], resume: str | None, master: tuple[str, int],
-            attempt: int, sample_log_dir: str | None) -> int:
+            attempt: int, sample_log_dir: str | None, devices: tuple[str, int] | None = None) -> int:
+        """`devices`: (CUDA_VISIBLE_DEVICES of the whole node's group, this rank's index in it)."""
+        local_rank = self.local_rank
+        if devices is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"], local_rank = devices[0], devices[1]
         os.environ.update(
-            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+            RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(local_rank),
             LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=master[0], MASTER_PORT=str(master[1]),
         )
         if sample_log_dir:
@@ -165,6 +170,24 @@ class TrainWorker:
         result = run_training(config, overrides, resume)
         sys.stdout.flush()
         return int(result.exit_code)
+
+
+def node_device_plan(described: list[dict]) -> dict[int, tuple[str, int] | None]:
+    """Rank -> (CUDA_VISIBLE_DEVICES, local device index). Ray shows each actor only its own GPU;
+    the ranks of one node are given all of the node's group GPUs instead, so NCCL sees its peers
+    (peer-to-peer / NVLink) as under torchrun. CPU ranks -> None."""
+    by_node: dict[str, list[str]] = {}
+    for worker in described:
+        by_node.setdefault(worker["node_id"], []).extend(worker.get("gpu_ids", []))
+    plan: dict[int, tuple[str, int] | None] = {}
+    for worker in described:
+        mine = worker.get("gpu_ids", [])
+        if not mine:
+            plan[worker["rank"]] = None
+            continue
+        node_gpus = sorted(set(by_node[worker["node_id"]]), key=lambda g: (len(g), g))
+        plan[worker["rank"]] = (",".join(node_gpus), node_gpus.index(mine[0]))
+    return plan
 
 
 def _signal_process(pid: int, signum: int) -> None:
@@ -283,15 +306,20 @@ class RayLauncher:
 
         workers = self._start_workers(group)
         try:
-            described = ray.get([w.describe.remote() for w in workers], timeout=self.options.placement_timeout_s)
+            try:  # a lost node: its placement-group bundle must be rescheduled first
+                described = ray.get([w.describe.remote() for w in workers], timeout=self.options.placement_timeout_s)
+            except ray.exceptions.RayError as err:
+                return "failed", f"workers did not start: {type(err).__name__}: {_first_line(err)}"
             self._record_workers(attempt, described)
             self.say(f"attempt {attempt + 1}: " + ", ".join(f"rank {d['rank']} pid {d['pid']} on {d['node_ip']}"
                                                            for d in described))
             master = ray.get(workers[0].rendezvous_address.remote())
             resume = self.run.resume if attempt == 0 else self.run.run_dir
             sample_dir = str(self.launcher_dir / SAMPLES_DIR) if self.options.sample_log else None
+            devices = node_device_plan(described)
             pending = {
-                w.run.remote(self.run.config, list(self.run.overrides), resume, master, attempt, sample_dir): rank
+                w.run.remote(self.run.config, list(self.run.overrides), resume, master, attempt, sample_dir,
+                             devices[rank]): rank
                 for rank, w in enumerate(workers)
             }
             codes: dict[int, int] = {}
@@ -319,6 +347,8 @@ class RayLauncher:
 
         connect(self.options)
         o = self.options
+        if o.gpus_per_worker is None:
+            o.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= o.world_size else 0.0
         where = f"Ray cluster at {o.address}" if o.address else f"a local Ray instance on {LOOPBACK}"
         device = f"{o.gpus_per_worker:g} GPU(s)" if o.gpus_per_worker else f"{o.cpus_per_worker:g} CPU(s)"
         self.say(f"{o.world_size} worker(s) ({o.nodes} node(s) x {o.workers_per_node}, {device} each) on {where}")
@@ -365,13 +395,10 @@ def launch_ray(run: RayRun, options: RayOptions) -> int:
 def submit_ray(cfg: Any, num_workers: int = 2, **option_overrides: Any) -> int:
     """Trains a resolved config (StrataConfig or its dict) on a private local Ray instance with
     `num_workers` ranks (one GPU each when this machine has that many, else CPU/gloo)."""
-    import torch
-
     tree = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else copy.deepcopy(dict(cfg))
     run_dir = str(Path(tree["train"]["run_dir"]).absolute())
     tree["train"]["run_dir"] = run_dir
-    gpus = 1.0 if torch.cuda.is_available() and torch.cuda.device_count() >= num_workers else 0.0
-    options = RayOptions(workers_per_node=num_workers, gpus_per_worker=gpus, **option_overrides)
+    options = RayOptions(workers_per_node=num_workers, **option_overrides)
     return launch_ray(RayRun(tree, (), None, run_dir), options)
 
 

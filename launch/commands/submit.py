@@ -49,7 +49,7 @@ def add_parser(subparsers) -> None:
     size.add_argument("--workers-per-node", type=int, default=None,
                       help="training ranks per node (default: --gpus-per-node on SLURM GPUs, else the config's launch.nproc)")
     size.add_argument("--gpus-per-worker", type=float, default=None,
-                      help="ray: GPUs per rank (default 1 when this machine has GPUs and no --address, else 0 = CPU/gloo)")
+                      help="ray: GPUs per rank (default: 1 when the Ray cluster has a GPU for every rank, else 0 = CPU/gloo)")
     size.add_argument("--cpus-per-worker", type=float, default=1.0,
                       help="CPU cores per rank (ray actor CPUs; slurm --cpus-per-task) (default 1)")
 
@@ -160,26 +160,12 @@ def _run_local(args: argparse.Namespace, config: str, overrides: list[str], npro
 def _ray_options(args: argparse.Namespace, nproc_default: int):  # noqa: ANN202
     from launch.ray_launcher import RayOptions
 
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        import torch
-
-        gpus = 1.0 if args.address is None and torch.cuda.is_available() else 0.0
-    workers = args.workers_per_node or args.nproc or nproc_default
-    if args.address is None and gpus and workers > (torch_gpus := _local_gpu_count()):
-        raise ValueError(f"--workers-per-node {workers} x --gpus-per-worker {gpus:g} exceeds the {torch_gpus} GPU(s) here")
     return RayOptions(
-        address=args.address, nodes=args.nodes, workers_per_node=workers, gpus_per_worker=gpus,
-        cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-        object_store_mb=args.object_store_mb, num_cpus=args.num_cpus, dashboard=args.dashboard,
-        sample_log=args.sample_log,
+        address=args.address, nodes=args.nodes, workers_per_node=args.workers_per_node or args.nproc or nproc_default,
+        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures, object_store_mb=args.object_store_mb, num_cpus=args.num_cpus,
+        dashboard=args.dashboard, sample_log=args.sample_log,
     ).validate()
-
-
-def _local_gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _run_ray(args: argparse.Namespace, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:

@@ -24,6 +24,7 @@ from launch.ray_launcher import (
     RayOptions,
     RayRun,
     connect,
+    node_device_plan,
 )
 
 
@@ -131,11 +132,11 @@ def test_run_that_keeps_failing_exits_nonzero_after_max_failures(local_ray, corp
     config["data"]["sources"] = [{"path": str(tmp_path / "no-such-shardset")}]
     path = write_config(tmp_path / "cfg.yaml", config)
     run = RayRun(str(path), (), None, str(run_dir))
-    status = RayLauncher(run, RayOptions(workers_per_node=2, max_failures=1)).launch()
+    status = RayLauncher(run, RayOptions(workers_per_node=2, max_failures=0)).launch()
     out = capfd.readouterr().out
     assert status == 1
-    assert "restart 1/1 from the latest checkpoint" in out
-    assert "no restarts left (--max-failures 1): the run failed" in out
+    assert "no-such-shardset" in out  # the worker's error reaches the driver
+    assert "no restarts left (--max-failures 0): the run failed" in out
 
 
 def test_ray_encoding_gives_the_process_pool_result_in_order(local_ray):
@@ -159,3 +160,12 @@ def test_ray_encoding_gives_the_process_pool_result_in_order(local_ray):
         assert have.outcomes == want.outcomes
         assert np.array_equal(have.tokens, want.tokens) and np.array_equal(have.doc_lengths, want.doc_lengths)
     assert got[-1][1].outcomes[-1] == "invalid_json"
+
+
+def test_gpu_ranks_of_a_node_see_all_the_node_group_gpus():
+    described = [
+        {"rank": 0, "node_id": "a", "gpu_ids": ["3"]}, {"rank": 1, "node_id": "a", "gpu_ids": ["1"]},
+        {"rank": 2, "node_id": "b", "gpu_ids": ["0"]}, {"rank": 3, "node_id": "b", "gpu_ids": ["10"]},
+    ]
+    assert node_device_plan(described) == {0: ("1,3", 1), 1: ("1,3", 0), 2: ("0,10", 0), 3: ("0,10", 1)}
+    assert node_device_plan([{"rank": 0, "node_id": "a", "gpu_ids": []}]) == {0: None}
