@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/strata demo
+	$(VENV)/bin/strata demo --launcher ray --workers 2
 
 # pytest exits 5 when it collects no test: that is a failure here too (CI must run tests).
 test: $(STAMP)
