@@ -63,6 +63,38 @@ class _ChunkLayout:
         return flat[self.valid].reshape(*like.shape[:2], chunks.shape[1], chunks.shape[-1])
 
 
+class _DiagonalBlocks(torch.autograd.Function):
+    """A[i, j] = sum_k q_ik k_jk exp(G_ik - G_jk) for j <= i inside each 16-token sub-block.
+
+    Log space, element-wise: never a lone exp(+G). The [.., 16, 16, K] factor is recomputed in
+    backward instead of saved (the largest tensor of the torch path)."""
+
+    @staticmethod
+    def _decay(G):
+        tril = torch.ones(G.shape[-2], G.shape[-2], dtype=torch.bool, device=G.device).tril()
+        return torch.exp(
+            torch.where(tril[:, :, None], G[..., :, None, :] - G[..., None, :, :], float("-inf"))
+        )
+
+    @staticmethod
+    def forward(ctx, q, k, G):
+        ctx.save_for_backward(q, k, G)
+        return (q[..., :, None, :] * _DiagonalBlocks._decay(G) * k[..., None, :, :]).sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, G = ctx.saved_tensors
+        weighted = grad[..., None] * _DiagonalBlocks._decay(G)  # [.., i, j, K]
+        with_k = weighted * k[..., None, :, :]
+        dq = with_k.sum(-2)
+        with_q = weighted * q[..., :, None, :]
+        dk = with_q.sum(-3)
+        both = with_k * q[..., :, None, :]
+        dG = both.sum(-2) - both.sum(-3)
+        return dq, dk, dG
+
+
 def _intra_chunk(q, k, v, G, scale):
     """Within-chunk output [n, H, C, V] from q, k, G [n, H, C, K] (G = within-chunk cumsum)."""
     n, h, c, dk = q.shape
@@ -80,12 +112,9 @@ def _intra_chunk(q, k, v, G, scale):
         before_block[None, None, :, :, None], G_ref[:, :, :, None] - G[:, :, None], float("-inf")
     )
     k_ref = k[:, :, None] * torch.exp(k_exp)  # [n,h,s,C,K]
-    a_off = torch.einsum("nhsik,nhsjk->nhsij", q_ref, k_ref)
-    # Diagonal sub-blocks: exp(G_i - G_j) element-wise, in log space, masked to j <= i.
-    tril = torch.ones(SUB_CHUNK, SUB_CHUNK, dtype=torch.bool, device=q.device).tril()
-    diff = torch.where(tril[:, :, None], Gs[..., :, None, :] - Gs[..., None, :, :], float("-inf"))
-    a_diag = torch.einsum("nhsik,nhsjk,nhsijk->nhsij", qs, ks, torch.exp(diff))
-    o = torch.einsum("nhsij,nhjv->nhsiv", a_off, v) + torch.einsum("nhsij,nhsjv->nhsiv", a_diag, vs)
+    a_off = q_ref @ k_ref.transpose(-1, -2)  # [n,h,s,16,C]
+    a_diag = _DiagonalBlocks.apply(qs, ks, Gs)  # [n,h,s,16,16]
+    o = a_off @ v[:, :, None] + a_diag @ vs
     return scale * o.reshape(n, h, c, -1)
 
 
