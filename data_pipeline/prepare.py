@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -65,6 +65,10 @@ class PrepareOptions:
     compression: str | None = None  # mds only: zstd, zstd:7, gz, br, bz2, snappy
     max_doc_chars: int = 1_000_000  # longer documents are split into pieces; 0 keeps them whole
     workers: int | None = None  # default: os.cpu_count()
+    # Encoder fan-out: (batches, encoder_args, workers) -> (batch, EncodedBatch) pairs in input
+    # order. None = local worker processes; `strata prepare --ray` passes Ray tasks. Not part of
+    # the output's identity (the shards are the same either way).
+    encode_map: Callable[..., Iterator[tuple[list, EncodedBatch]]] | None = None
     batch_bytes: int = 1 << 20  # raw input bytes per worker task
     progress: bool = True
     overwrite: bool = False
@@ -429,7 +433,8 @@ def prepare(
     encoder_args = (tokenizer.to_str(), eos_id, dtype.name, opts.text_field, opts.max_doc_chars)
     workers = opts.workers or os.cpu_count() or 1
     last_index = resume_record - 1
-    for batch, encoded in _encoded_batches(_batches(records, opts.batch_bytes), encoder_args, workers):
+    encode_map = opts.encode_map or _encoded_batches
+    for batch, encoded in encode_map(_batches(records, opts.batch_bytes), encoder_args, workers):
         doc_cursor = 0
         token_cursor = 0
         for (index, source, _, _), outcome in zip(batch, encoded.outcomes, strict=True):

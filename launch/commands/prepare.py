@@ -32,6 +32,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--eos-token", help="EOS token string (default: the first of <|endoftext|>, </s>, <eos>, ... in the vocab)")
     p.add_argument("--text-field", default="text", help="JSON/Parquet field holding the document text (default text)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer worker processes (default: number of cores)")
+    p.add_argument("--ray", action="store_true",
+                   help="encode on Ray tasks (a private local Ray instance unless --ray-address is given); same shards, same resumability")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: join this cluster (auto, HOST:PORT or ray://...) instead of starting a local one")
     p.add_argument("--shard-size", default="64MB", help="approximate bytes per shard, e.g. 64MB, 512kb (default 64MB)")
     p.add_argument("--compression", default=None,
                    help="MDS shard compression: zstd, zstd:LEVEL, gz, br, bz2, snappy (default none)")
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers,
             progress=not args.quiet,
             overwrite=args.overwrite,
+            encode_map=_ray_encode_map(args.ray_address) if args.ray else None,
         )
         prepare(args.inputs, args.out, options)
     except (InputError, ResumeMismatch, PermissionError, FileNotFoundError, ValueError) as exc:
@@ -76,6 +81,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _ray_encode_map(address: str | None):
+    from functools import partial
+
+    from launch.ray_launcher import ray_encoded_batches
+
+    return partial(ray_encoded_batches, address=address)
 
 
 def _run_builtin(args: argparse.Namespace) -> int:

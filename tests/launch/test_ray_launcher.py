@@ -162,6 +162,26 @@ def test_ray_encoding_gives_the_process_pool_result_in_order(local_ray):
     assert got[-1][1].outcomes[-1] == "invalid_json"
 
 
+def test_prepare_on_ray_writes_the_same_shards_as_local_workers(local_ray, tmp_path):
+    """`strata prepare --ray`: PrepareOptions.encode_map on Ray tasks, byte-identical output."""
+    from functools import partial
+
+    from data_pipeline.prepare import PrepareOptions, prepare
+    from launch.ray_launcher import ray_encoded_batches
+
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"line {i} " * (i % 9 + 1)}) + "\n" for i in range(300)))
+    common = {"train_tokenizer": 300, "batch_bytes": 2048, "progress": False, "shard_size": "4kb"}
+    prepare([str(src)], tmp_path / "local", PrepareOptions(workers=1, **common))
+    ray_map = partial(ray_encoded_batches, address=None)
+    prepare([str(src)], tmp_path / "ray", PrepareOptions(workers=2, encode_map=ray_map, **common))
+    local_files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file())
+    ray_files = sorted(p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*") if p.is_file())
+    assert local_files == ray_files and len(local_files) > 4
+    for rel in local_files:
+        assert (tmp_path / "local" / rel).read_bytes() == (tmp_path / "ray" / rel).read_bytes(), rel
+
+
 def test_gpu_ranks_of_a_node_see_all_the_node_group_gpus():
     described = [
         {"rank": 0, "node_id": "a", "gpu_ids": ["3"]}, {"rank": 1, "node_id": "a", "gpu_ids": ["1"]},
