@@ -10,7 +10,9 @@ The policy itself lives in engine/continual.py; this module only assembles the c
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,7 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
         raise ConfigError(f"{args.source}: no config.yaml in its run directory {source.run_dir}")
     source_tree = read_yaml(source_config)
     source_tree.pop("continual", None)  # the source's own lineage; this run gets its own policy
-    tree = read_yaml(args.config) if args.config else source_tree
+    tree = read_yaml(args.config) if args.config else copy.deepcopy(source_tree)
     if "model" not in tree:  # the architecture (and so the tokenizer's vocab) is the source's
         tree["model"] = dict(source_tree.get("model") or {})
         notes.append("model: the source run's (the new config has no model section)")
@@ -214,6 +216,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    hf_tokenizer = Path(cfg.continual.from_hf or "") / "tokenizer.json"
+    if cfg.continual.from_hf and hf_tokenizer.is_file():  # what `strata export` will ship
+        shutil.copyfile(hf_tokenizer, run_dir / "tokenizer.json")
     for note in notes:
         print(f"note: {note}", flush=True)
     if args.no_train:

@@ -103,6 +103,7 @@ def test_resume_from_hf_loads_the_weights_and_resets_the_rest(tiny_corpus, sourc
     assert (run_dir / "checkpoints" / "step_00000000").is_dir()
     for name, tensor in weights.items():
         torch.testing.assert_close(tensor, source.weights[name], rtol=0, atol=0, msg=name)
+    assert (run_dir / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     policy = load_config(run_dir / "config.yaml").continual
     assert policy.from_hf == str(hf_dir.resolve()) and policy.start_step == 0
 
