@@ -283,3 +283,17 @@ def test_a_missing_source_is_a_config_error(tiny_corpus, tmp_path):
     tree["continual"] = {"source": str(tmp_path / "nowhere")}
     with pytest.raises(ConfigError, match=r"continual\.source: no intact checkpoint"):
         Trainer(load_config(tree), init_distributed("cpu"))
+
+
+def test_summary_plans_several_epochs_of_a_small_subset(tiny_corpus, source, tmp_path, capsys):
+    """Stability-gap recipe 1 (several epochs of a small subset): the sampler reshuffles each
+    epoch, and the summary says how many epochs each source will have gone through."""
+    subset = [{"path": str(tiny_corpus / "val"), "name": "subset"}]
+    trainer = continual_trainer(
+        tiny_corpus, source, tmp_path / "ep", {"data": "new"}, **{"data.sources": subset, "train.steps": 2006}
+    )
+    trainer.loader.close()
+    per_epoch = trainer.loader.state_dict()["sources"]["subset"]["tokens_per_epoch"]
+    epochs = 2000 * 8 * 32 / per_epoch
+    assert epochs > 2
+    assert f"    subset: weight 100%, from its start, ~{epochs:.2f} epochs by the end" in capsys.readouterr().out
