@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -30,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from engine.dist import DistContext, barrier
+from engine.dist import DistContext, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ def _warn_skip(path: Path, problem: str, loud: bool = True) -> None:
     log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
     if loud:
         print(f"warning: skipping checkpoint {path}: {problem}; using the previous one", flush=True)
+
+
+def _first_line(err: BaseException) -> str:
+    """A one-line description of a load failure (DCP wraps each rank's error in its message)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), "")
+    return f"{type(err).__name__}: {detail[:300]}" if detail else type(err).__name__
 
 
 def latest_checkpoint(root: Path, loud: bool = True) -> Path | None:
@@ -153,8 +161,9 @@ class _PendingSave:
 class Checkpointer:
     """Saves (sync or async) and loads the checkpoints of one run directory.
 
-    At most one async save is in flight: the next save, `wait()` or `close()` finishes it and
-    only then commits it (marker + rename), so a checkpoint never looks complete early.
+    At most one async save is in flight: `poll()` (every step) commits it once all ranks have
+    written it, the next save or `wait()` waits for it; the commit (marker + rename) only ever
+    follows finished writes, so a checkpoint never looks complete early.
     """
 
     def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False):
@@ -207,6 +216,16 @@ class Checkpointer:
         return pending.final
 
     close = wait
+
+    def poll(self) -> Path | None:
+        """Commits the async save in flight once every rank has finished writing it (a cheap
+        check, meant to be called every step); returns the committed directory, if any."""
+        if self._pending is None:  # the same on every rank: saves happen at the same steps
+            return None
+        unfinished = 0 if self._pending.future.done() else 1
+        if all_reduce_sum(unfinished, self.ctx) > 0:
+            return None
+        return self.wait()
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         barrier(self.ctx)  # every rank's shards are on disk
@@ -266,7 +285,7 @@ class Checkpointer:
             if problem is None:
                 try:
                     return path, self.load(path, model, optimizer)
-                except Exception as err:  # a corrupt file of the right size, an unreadable state
-                    problem = f"loading failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+                except (Exception, CheckpointException) as err:  # a corrupt file of the right size
+                    problem = f"loading failed ({_first_line(err)})"
             _warn_skip(path, problem, loud=self.ctx.is_main)
         return None

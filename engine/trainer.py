@@ -275,6 +275,7 @@ class Trainer:
                     progress.update(self.step - 1, record)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
                     self.save()
+                self.checkpointer.poll()  # commits a finished async save
                 if self._stop_agreed():
                     self.save(blocking=True)
                     if ctx.is_main:

@@ -107,5 +107,12 @@ def apply_llama_tp(
             return output.full_tensor()
         return output
 
+    def fresh_embedding(module, args, output: torch.Tensor) -> torch.Tensor:
+        # RowwiseParallel hands out `to_local()`, a view of the DTensor's local tensor; a
+        # compiled block (AOTAutograd) given such a view as input sends its gradient past the
+        # DTensor's backward (wrong grads / a crash). A fresh [b, t, d] tensor avoids that.
+        return output.clone()
+
+    model.tok_embeddings.register_forward_hook(fresh_embedding)
     model.norm.register_forward_hook(gather_final_hidden)
     model.register_forward_hook(plain_logits)

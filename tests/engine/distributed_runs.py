@@ -46,12 +46,12 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["engine.trainer", "engine.entry", "distributed_runs"])
+        _CONTEXT.set_forkserver_preload(["engine.trainer", "engine.entry", "torch._inductor.config", "distributed_runs"])
     return _CONTEXT
 
 
 def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume: str | None,
-               overrides: list[str], log_path: str, sys_path: list[str]) -> None:
+               overrides: list[str], log_path: str, sys_path: list[str], compile_backend: str | None) -> None:
     sys.path[:] = sys_path
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
@@ -62,6 +62,14 @@ def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume:
     os.environ["OMP_NUM_THREADS"] = "1"
     code = 1
     try:
+        import torch
+        import torch._inductor.config
+
+        torch._inductor.config.compile_threads = 1  # no compile worker pool on 2 cores
+        if compile_backend is not None:  # e.g. aot_eager: AOTAutograd without C++ codegen
+            import functools
+
+            torch.compile = functools.partial(torch.compile, backend=compile_backend)
         from engine.entry import run_training
 
         code = run_training(tree, overrides, resume).exit_code
@@ -77,7 +85,7 @@ class RankGroup:
     """N rank processes of one run; logs in RUN_DIR/rank<r>.log."""
 
     def __init__(self, nproc: int, run_dir: Path, tree: dict | None = None, resume: str | None = None,
-                 overrides: list[str] | None = None) -> None:
+                 overrides: list[str] | None = None, compile_backend: str | None = None) -> None:
         from launch.local import free_port
 
         self.run_dir = Path(run_dir)
@@ -86,7 +94,7 @@ class RankGroup:
         ctx = _context()
         self.procs = [
             ctx.Process(target=_rank_main, args=(r, nproc, port, tree, resume, overrides or [],
-                                                 str(self.run_dir / f"rank{r}.log"), list(sys.path)))
+                                                 str(self.run_dir / f"rank{r}.log"), list(sys.path), compile_backend))
             for r in range(nproc)
         ]
         for proc in self.procs:
@@ -113,9 +121,9 @@ class RankGroup:
 
 
 def run_ranks(nproc: int, run_dir: Path, tree: dict | None = None, resume: str | None = None,
-              overrides: list[str] | None = None, expect: int = 0) -> Path:
+              overrides: list[str] | None = None, expect: int = 0, compile_backend: str | None = None) -> Path:
     """Runs to completion; asserts every rank exited with `expect`; returns the run dir."""
-    group = RankGroup(nproc, run_dir, tree, resume, overrides)
+    group = RankGroup(nproc, run_dir, tree, resume, overrides, compile_backend)
     codes = group.wait()
     assert codes == [expect] * nproc, f"exit codes {codes}\n{group.logs()}"
     return Path(run_dir)

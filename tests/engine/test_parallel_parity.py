@@ -22,15 +22,16 @@ def single(tiny_corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("name", "nproc", "parallel"),
+    ("name", "nproc", "parallel", "steps"),
     [
-        ("fsdp2", 2, {}),
-        ("tp2", 2, {"tp": 2}),
-        ("hsdp2x1", 2, {"dp_replicate": 2}),
+        ("fsdp2", 2, {}, 20),  # 20 steps: also the reference of the kill and SIGTERM tests
+        ("tp2", 2, {"tp": 2}, 10),
+        ("hsdp2x1", 2, {"dp_replicate": 2}, 10),
     ],
 )
-def test_two_process_layouts_match_one_process(name, nproc, parallel, single, tiny_corpus, tmp_path_factory):
-    run = shared_run(name, tmp_path_factory, tiny_corpus, nproc, **{f"parallel.{k}": v for k, v in parallel.items()})
+def test_two_process_layouts_match_one_process(name, nproc, parallel, steps, single, tiny_corpus, tmp_path_factory):
+    run = shared_run(name, tmp_path_factory, tiny_corpus, nproc, steps=steps,
+                     **{f"parallel.{k}": v for k, v in parallel.items()})
     assert_close(losses(run), losses(single), STEPS)
 
 
