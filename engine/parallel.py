@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from engine.config import ConfigError, ParallelConfig
 from engine.dist import DistContext
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
 
 MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
 
@@ -65,7 +68,9 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
 
 
 # -- 1. tensor parallel ---------------------------------------------------------------------
-def apply_tp(model: nn.Module, tp_plan, tp_mesh: DeviceMesh, cfg: ParallelConfig, family: str) -> None:
+def apply_tp(
+    model: nn.Module, tp_plan: Callable[..., None] | None, tp_mesh: DeviceMesh, cfg: ParallelConfig, family: str
+) -> None:
     """Runs the family's TP plan; options it does not take are a clear error, never ignored.
     A plan raises ValueError naming the field when the model cannot be split tp ways."""
     if tp_plan is None:
@@ -140,10 +145,13 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, device_type: str) -> None:
     fully_shard(model, **kwargs)
 
 
-def parallelize_model(model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec=None) -> nn.Module:
+def parallelize_model(
+    model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None
+) -> nn.Module:
     """TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
 
-    `spec` is the family's models.spec.ModelSpec (looked up from `model.cfg.family` if None).
+    `spec` is the family's ModelSpec (looked up from `model.cfg.family` if None); its
+    `parallelize_tp(model, tp_mesh, **options)` may take `sequence_parallel` / `loss_parallel`.
     """
     dims = resolve_degrees(cfg, ctx.world_size)
     mesh = build_mesh(dims, ctx.device.type) if dist.is_initialized() else None
