@@ -61,6 +61,9 @@ class ParallelConfig(BaseModel):
     loss_parallel: bool = Field(False, description="TP: keep the vocab sharded through the loss")
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
     ac_every: int = Field(2, gt=0, description="selective AC: checkpoint every k-th block")
+    ac_selective: Literal["block", "op"] = Field(
+        "block", description="selective AC granularity: every ac_every-th block, or op-level (save matmul outputs, recompute the rest)"
+    )
     compile: bool = Field(False, description="torch.compile each block")
 
     @model_validator(mode="after")

@@ -163,7 +163,7 @@ def parallelize_model(
         apply_tp(model, spec.parallelize_tp, mesh["tp"], cfg, spec.name)
     elif cfg.sequence_parallel or cfg.loss_parallel:
         raise ConfigError("parallel.sequence_parallel / loss_parallel need parallel.tp > 1")
-    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every, op_level=cfg.ac_selective == "op")
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:

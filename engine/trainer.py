@@ -226,7 +226,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
-        window_tokens, window_time, window_data = 0, 0.0, 0.0
+        window_tokens, window_time, window_data, window_loss, window_steps = 0, 0.0, 0.0, 0.0, 0
         loss, val, exit_code = None, None, 0
         run_start, run_tokens = time.perf_counter(), 0
         try:
@@ -243,6 +243,8 @@ class Trainer:
                 self.tokens_seen += tokens
                 run_tokens += tokens
                 window_tokens += tokens
+                window_loss += loss
+                window_steps += 1
                 window_time += t2 - t0
                 window_data += t1 - t0
                 record = None
@@ -250,7 +252,7 @@ class Trainer:
                     tokens_per_s = window_tokens / max(window_time, 1e-9)
                     record = {
                         "step": self.step,
-                        "loss": loss,
+                        "loss": window_loss / window_steps,  # mean over the steps since the last record
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_seen": self.tokens_seen,
@@ -264,7 +266,7 @@ class Trainer:
                     }
                     if ctx.device.type == "cuda":
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-                    window_tokens, window_time, window_data = 0, 0.0, 0.0
+                    window_tokens, window_time, window_data, window_loss, window_steps = 0, 0.0, 0.0, 0.0, 0
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                     val = self.run_eval()
                     if val:

@@ -23,8 +23,10 @@ class ModelSpec:
     """Constructs the model (call under `torch.device('meta')` then `materialize`)."""
     flops_per_token: Callable[[ModelConfig, int], float]
     """Training FLOPs (fwd + bwd) per token at a given sequence length, attention included."""
-    parallelize_tp: Callable[[nn.Module, Any], None] | None = None
-    """Applies the family's tensor-parallel plan to the model over a 1-D TP DeviceMesh."""
+    parallelize_tp: Callable[..., None] | None = None
+    """`parallelize_tp(model, tp_mesh, **options)`: applies the family's tensor-parallel plan over
+    a 1-D TP DeviceMesh; options are `sequence_parallel` / `loss_parallel` (a family that cannot
+    honour one raises ValueError naming the field)."""
     hf_adapter: str | None = None
     """Dotted module path of the HF converter (imported lazily by `load_hf_adapter`), a module
     with `hf_config(cfg)`, `to_hf(state_dict)`, `from_hf(state_dict)`, `model_config_from_hf(d)`."""
