@@ -364,6 +364,13 @@ def main(argv=None) -> int:
         pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_file():  # one file holds both sections: keep the other device's results
+        previous = json.loads(out.read_text())
+        report = {**{k: v for k, v in previous.items() if k in ("cpu", "gpu")}, **report}
+    section = "gpu" if device == "cuda" else "cpu"
+    report[f"{section}_run"] = {
+        k: report.pop(k) for k in ("date", "python", "torch", "command", "triton") if k in report
+    }
 
     def save():
         tmp = out.with_suffix(".tmp")

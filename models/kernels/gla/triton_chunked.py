@@ -537,10 +537,6 @@ LAUNCH = {
 """Launch options per kernel (warps, pipeline stages); benchmarks may try others."""
 
 
-def _warps(kind: str, k_block: int) -> dict:
-    return dict(LAUNCH[kind])
-
-
 def _state_value_block(val_dim: int, programs: int) -> int:
     """The state scans are sequential over chunks: split V finer when few programs would run."""
     block = _block(val_dim)
@@ -571,14 +567,14 @@ def _forward(q, k, v, g, scale, initial_state, layout, n_seqs):
     _state_fwd[grid](
         k, v, g, h, h0, ht, cu, chunk_offsets,
         H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bvs,
-        USE_H0=initial_state is not None, ACC=acc, PREC=prec, **_warps("state", bk),
+        USE_H0=initial_state is not None, ACC=acc, PREC=prec, **LAUNCH["state"],
     )  # fmt: skip
     o = torch.empty_like(v)
     grid = (triton.cdiv(val_dim, bv), n_chunks, heads)
     _output_fwd[grid](
         q, k, v, g, h, o, cu, chunk_info, scale,
         H=heads, K=key_dim, V=val_dim, BT=CHUNK, BC=SUB_CHUNK, BK=bk, BV=bv,
-        ACC=acc, PREC=prec, **_warps("output", bk),
+        ACC=acc, PREC=prec, **LAUNCH["output"],
     )  # fmt: skip
     return o, h, ht
 
@@ -596,7 +592,7 @@ def _backward(q, k, v, g, h, ht, do, dht, scale, layout, n_seqs, want_dh0):
     _dstate_bwd[grid](
         q, g, do, dh, dht if dht is not None else ht, dh0 if dh0 is not None else ht, cu, chunk_offsets, scale,
         H=heads, K=key_dim, V=val_dim, BT=CHUNK, BK=bk, BV=bvs,
-        USE_DHT=dht is not None, STORE_DH0=want_dh0, ACC=acc, PREC=prec, **_warps("dstate", bk),
+        USE_DHT=dht is not None, STORE_DH0=want_dh0, ACC=acc, PREC=prec, **LAUNCH["dstate"],
     )  # fmt: skip
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g)
@@ -605,13 +601,13 @@ def _backward(q, k, v, g, h, ht, do, dht, scale, layout, n_seqs, want_dh0):
     _grads_bwd[(n_kblocks, n_chunks, heads)](
         q, k, v, g, h, ht, do, dh, dq, dk, dv, dg, cu, chunk_info, scale,
         H=heads, K=key_dim, V=val_dim, BT=CHUNK, BC=SUB_CHUNK, BK=bk, BV=bv,
-        FUSE_DV=fuse_dv, ACC=acc, PREC=prec, **_warps("grads", bk),
+        FUSE_DV=fuse_dv, ACC=acc, PREC=prec, **LAUNCH["grads"],
     )  # fmt: skip
     if not fuse_dv:
         _dv_bwd[(triton.cdiv(val_dim, bv), n_chunks, heads)](
             q, k, g, do, dh, dv, cu, chunk_info, scale,
             H=heads, K=key_dim, V=val_dim, BT=CHUNK, BC=SUB_CHUNK, BK=bk, BV=bv,
-            ACC=acc, PREC=prec, **_warps("dv", bk),
+            ACC=acc, PREC=prec, **LAUNCH["dv"],
         )  # fmt: skip
     return dq, dk, dv, dg, dh0
 
