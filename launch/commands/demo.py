@@ -59,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     data_dir = Path(args.data_dir)
     prepare_corpus(data_dir)
+    replicas = 1 if args.launcher == "inprocess" else args.workers  # the demo model is replicated, not sharded
     overrides = [
         f"data.sources=[{{path: {data_dir / 'train'}, name: stdlib}}]",
         f"data.val_path={data_dir / 'val'}",
+        f"parallel.dp_replicate={replicas}",
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
