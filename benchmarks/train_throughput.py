@@ -54,7 +54,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(args.config, [*args.overrides, f"train.run_dir={tmp}", "data.cross_document_attention=true",
-                                        "logging.tensorboard=false", "data.sources=[]", "data.val_path=null"])
+                                        "logging.tensorboard=false", "data.sources=[]", "data.val_path=null",
+                                        "parallel.dp_replicate=1"])
         ctx = init_distributed(cfg.train.device)
         n_micro = cfg.data.global_batch_size // cfg.data.micro_batch_size
         loader = SyntheticLoader(cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch_size, n_micro, ctx.device)
