@@ -11,7 +11,6 @@ plan (heads split across ranks), decoding with an O(1) state, and the Hugging Fa
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.hf_naming import HFNaming
 from models.kernels.gla import gla, gla_step
 from models.kernels.gla._common import CHUNK, compute_dtype
 from models.llama import FeedForward
@@ -248,32 +248,14 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_FROM_HF = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-_TOP_FROM_HF = {hf: ours for ours, hf in _TOP_NAMES.items()}
-_OURS = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+NAMING = HFNaming("GLA", _LAYER_NAMES, _TOP_NAMES)
 
 
 def to_hf(
     state_dict: dict[str, torch.Tensor], cfg: ModelConfig | None = None
 ) -> dict[str, torch.Tensor]:
     """Strata GLA state dict -> GLAForCausalLM state dict (same tensors, renamed)."""
-    out: dict[str, torch.Tensor] = {}
-    for raw_name, tensor in state_dict.items():
-        name = raw_name
-        for part in _WRAPPER_PARTS:
-            name = name.replace(part, "")
-        if name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = tensor
-            continue
-        match = _OURS.match(name)
-        if match is None or match.group(2) not in _LAYER_NAMES:
-            raise KeyError(f"to_hf: no HF name for Strata GLA parameter {raw_name!r}")
-        out[f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"] = tensor
-    if cfg is not None and cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+    return NAMING.to_hf(state_dict, tied=cfg is not None and cfg.tie_embeddings)
 
 
 def from_hf(
@@ -281,17 +263,7 @@ def from_hf(
 ) -> dict[str, torch.Tensor]:
     """GLAForCausalLM state dict -> Strata GLA state dict (a tied model drops lm_head)."""
     tied = bool(hf_config.get("tie_word_embeddings", False)) if hf_config is not None else False
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if name in _TOP_FROM_HF:
-            if not (name == "lm_head.weight" and tied):
-                out[_TOP_FROM_HF[name]] = tensor
-            continue
-        match = _HF.match(name)
-        if match is None or match.group(2) not in _LAYER_FROM_HF:
-            raise KeyError(f"from_hf: HF parameter {name!r} has no Strata GLA counterpart")
-        out[f"layers.{match.group(1)}.{_LAYER_FROM_HF[match.group(2)]}"] = tensor
-    return out
+    return NAMING.from_hf(state_dict, tied)
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from models.config import ModelConfig
+from models.hf_naming import HFNaming
 
 # Strata name (after "layers.{i}.") -> HF name (after "model.layers.{i}.")
 _LAYER_NAMES = {
@@ -33,22 +34,11 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAMES_FROM_HF = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-_TOP_NAMES_FROM_HF = {hf: ours for ours, hf in _TOP_NAMES.items()}
-_STRATA_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-# Prefixes that wrappers (torch.compile, activation checkpointing, FSDP1) add to parameter names.
-_WRAPPER_PARTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 # HF keys that carry no parameters of ours (old checkpoints saved the RoPE table).
-_HF_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+NAMING = HFNaming("Llama", _LAYER_NAMES, _TOP_NAMES, hf_ignored=re.compile(r"(^|\.)rotary_emb\.inv_freq$"))
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen3")
 
-
-def _strip_wrappers(name: str) -> str:
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name
 
 
 def to_hf(
@@ -58,19 +48,7 @@ def to_hf(
 
     A tied model has no `output.weight`; HF re-ties `lm_head` on load, so none is written.
     """
-    out: dict[str, torch.Tensor] = {}
-    for raw_name, tensor in state_dict.items():
-        name = _strip_wrappers(raw_name)
-        if name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = tensor
-            continue
-        match = _STRATA_LAYER.match(name)
-        if match is None or match.group(2) not in _LAYER_NAMES:
-            raise KeyError(f"to_hf: no HF name for Strata parameter {raw_name!r}")
-        out[f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"] = tensor
-    if cfg is not None and cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
+    return NAMING.to_hf(state_dict, tied=cfg is not None and cfg.tie_embeddings)
 
 
 def from_hf(
@@ -82,20 +60,7 @@ def from_hf(
     embedding) is dropped, since a tied Strata model has no `output`.
     """
     tied = bool(hf_config.get("tie_word_embeddings", False)) if hf_config is not None else False
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        if _HF_IGNORED.search(name):
-            continue
-        if name in _TOP_NAMES_FROM_HF:
-            if name == "lm_head.weight" and tied:
-                continue
-            out[_TOP_NAMES_FROM_HF[name]] = tensor
-            continue
-        match = _HF_LAYER.match(name)
-        if match is None or match.group(2) not in _LAYER_NAMES_FROM_HF:
-            raise KeyError(f"from_hf: HF parameter {name!r} has no Strata Llama counterpart")
-        out[f"layers.{match.group(1)}.{_LAYER_NAMES_FROM_HF[match.group(2)]}"] = tensor
-    return out
+    return NAMING.from_hf(state_dict, tied)
 
 
 def hf_config(cfg: ModelConfig) -> dict[str, Any]:
