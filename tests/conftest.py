@@ -12,6 +12,11 @@ import torch
 # fixed threading keeps float reductions identical between runs that are compared exactly.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Without a GPU, Triton kernels run under the interpreter. The switch must be set before the
+# first `import triton` anywhere in the session (fla imports it too), or the interpreted kernels
+# meet Triton's compiled standard library.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

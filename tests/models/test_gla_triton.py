@@ -17,7 +17,9 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from gla_cases import assert_close_to_oracle, make_inputs, run_with_grads  # noqa: E402
+from gla_cases import assert_close_to_oracle, make_inputs, rel_err, run_with_grads  # noqa: E402
+
+from models.kernels.gla import gla  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,3 +57,19 @@ def test_triton_wide_keys_split_blocks_varlen():
     oracle = run_with_grads("recurrent", inputs, h0, cu_seqlens)
     got = run_with_grads("triton", inputs, h0, cu_seqlens)
     assert_close_to_oracle(got, oracle, torch.float64)
+
+
+def test_triton_output_only_loss_three_chunks():
+    """No final-state gradient (dht is None); T = 150 spans three chunks and a partial sub-block."""
+    (q, k, v, log_g), _ = make_inputs(2, 150, 2, 16, 24, dtype=torch.float64, seed=4)
+    grads = {}
+    for backend in ("recurrent", "triton"):
+        o, state = gla(q, k, v, log_g, backend=backend)
+        assert state is None
+        weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(5), dtype=o.dtype)
+        grads[backend] = [o.detach(), *torch.autograd.grad((o * weight).sum(), (q, k, v, log_g))]
+    for name, got, want in zip(
+        ["o", "dq", "dk", "dv", "dlog_g"], grads["triton"], grads["recurrent"], strict=True
+    ):
+        err = rel_err(got, want)
+        assert err < 1e-10, f"{name}: relative error {err:.3g}"
