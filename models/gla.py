@@ -309,11 +309,17 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig of the Strata GLA equivalent to a GLAForCausalLM config.json dict."""
     if hf.get("model_type") != "gla":
         raise ValueError(f"model_type: {hf.get('model_type')!r} is not 'gla'")
-    for field, expected in (
+    for field, expected in (  # a missing field takes fla's default, which Strata's GLA matches
         ("expand_k", 0.5),
         ("expand_v", 1.0),
         ("use_short_conv", False),
         ("feature_map", None),
+        ("use_output_gate", True),
+        ("hidden_act", "swish"),  # the output gate and the MLP
+        ("clamp_min", None),  # no floor on the log forget gate
+        ("elementwise_affine", True),
+        ("attn", None),  # no softmax-attention (hybrid) layers
+        ("attnres_block_size", None),
     ):
         if hf.get(field, expected) != expected:
             raise ValueError(
@@ -322,13 +328,22 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads"):
         if field not in hf:
             raise ValueError(f"{field}: missing from the HF config")
+    if hf.get("num_kv_heads") not in (None, hf["num_heads"]):
+        raise ValueError(
+            f"num_kv_heads: {hf['num_kv_heads']!r} is not supported (Strata's GLA has one key "
+            f"head per query head, {hf['num_heads']})"
+        )
+    ffn_hidden = hf.get("intermediate_size")
+    if ffn_hidden is None:  # fla's GatedMLP: 2/3 hidden_ratio x hidden, rounded up to 256
+        ffn_hidden = int(hf["hidden_size"] * (hf.get("hidden_ratio") or 4) * 2 / 3)
+        ffn_hidden = 256 * ((ffn_hidden + 255) // 256)
     fields: dict[str, Any] = {
         "family": "gla",
         "vocab_size": hf["vocab_size"],
         "dim": hf["hidden_size"],
         "n_layers": hf["num_hidden_layers"],
         "n_heads": hf["num_heads"],
-        "ffn_hidden": hf.get("intermediate_size"),
+        "ffn_hidden": ffn_hidden,
         "norm_eps": hf.get("norm_eps", 1e-6),
         "max_seq_len": hf.get("max_position_embeddings", 2048),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
