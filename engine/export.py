@@ -3,7 +3,7 @@
 Writes safetensors (sharded with `model.safetensors.index.json` above a size), config.json,
 generation_config.json and the run's tokenizer; reads single/sharded safetensors (or
 `pytorch_model.bin`, weights only). Parameter renaming is the model family's `hf_adapter`
-(models/hf_llama.py); this module owns only files and checkpoints.
+(models/hf_llama.py, models/gla.py); this module owns only files and checkpoints.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from models.config import ModelConfig
-from models.spec import get_spec
+from models.spec import get_spec, spec_for_hf_model_type
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -293,16 +293,21 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
 def load_hf_checkpoint(
     hf_dir: str | Path, **model_overrides: Any
 ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(Strata ModelConfig, Strata state dict) of a local HF Llama directory."""
-    from models import hf_llama
+    """(Strata ModelConfig, Strata state dict) of a local HF directory; the family is picked by
+    config.json's `model_type` (llama/qwen3 -> llama, gla -> gla)."""
+    model_cfg = read_hf_model_config(hf_dir, **model_overrides)
+    adapter = hf_adapter(model_cfg)
+    return model_cfg, adapter.from_hf(read_hf_weights(hf_dir), read_hf_config(hf_dir))
 
+
+def read_hf_model_config(hf_dir: str | Path, **model_overrides: Any) -> ModelConfig:
+    """The Strata ModelConfig equivalent to an HF directory's config.json, by its `model_type`."""
     hf_cfg = read_hf_config(hf_dir)
     try:
-        model_cfg = hf_llama.model_config_from_hf(hf_cfg, **model_overrides)
+        adapter = spec_for_hf_model_type(hf_cfg.get("model_type")).load_hf_adapter()
+        return adapter.model_config_from_hf(hf_cfg, **model_overrides)
     except ValueError as err:
         raise ValueError(f"{Path(hf_dir) / 'config.json'}: {err}") from None
-    adapter = hf_adapter(model_cfg)
-    return model_cfg, adapter.from_hf(read_hf_weights(hf_dir), hf_cfg)
 
 
 def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> ModelConfig:

@@ -353,4 +353,4 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-register(ModelSpec("gla", GLA, gla_flops_per_token, parallelize_tp, "models.gla"))
+register(ModelSpec("gla", GLA, gla_flops_per_token, parallelize_tp, "models.gla", ("gla",)))

@@ -191,4 +191,9 @@ def _parallelize_tp(model: nn.Module, tp_mesh, **options) -> None:
     apply_llama_tp(model, tp_mesh, **options)  # options: sequence_parallel, loss_parallel
 
 
-register(ModelSpec("llama", Llama, llama_flops_per_token, _parallelize_tp, "models.hf_llama"))
+register(
+    ModelSpec(
+        "llama", Llama, llama_flops_per_token, _parallelize_tp, "models.hf_llama",
+        hf_model_types=("llama", "qwen3"),
+    )
+)  # fmt: skip

@@ -30,6 +30,8 @@ class ModelSpec:
     hf_adapter: str | None = None
     """Dotted module path of the HF converter (imported lazily by `load_hf_adapter`), a module
     with `hf_config(cfg)`, `to_hf(state_dict)`, `from_hf(state_dict)`, `model_config_from_hf(d)`."""
+    hf_model_types: tuple[str, ...] = ()
+    """The HF `config.json` `model_type` values this family's converter reads."""
 
     def load_hf_adapter(self) -> Any:
         if self.hf_adapter is None:
@@ -50,6 +52,16 @@ def get_spec(family: str) -> ModelSpec:
     if family not in _REGISTRY:
         raise KeyError(f"model.family: unknown family {family!r} (known: {sorted(_REGISTRY)})")
     return _REGISTRY[family]
+
+
+def spec_for_hf_model_type(model_type: Any) -> ModelSpec:
+    """The family whose HF converter reads `model_type` (from an HF directory's config.json)."""
+    _import_families()
+    for spec in _REGISTRY.values():
+        if model_type in spec.hf_model_types:
+            return spec
+    known = sorted(t for spec in _REGISTRY.values() for t in spec.hf_model_types)
+    raise ValueError(f"model_type: {model_type!r} is not supported (supported: {', '.join(known)})")
 
 
 def _import_families() -> None:

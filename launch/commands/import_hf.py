@@ -1,7 +1,7 @@
-"""`strata import-hf HF_DIR [CONFIG]`: starts a Strata run whose initial weights come from a local HF Llama.
+"""`strata import-hf HF_DIR [CONFIG]`: starts a Strata run whose initial weights come from a local HF model.
 
-The architecture (`model.*`) is taken from HF_DIR/config.json; the rest (data, optim, schedule,
-train...) from CONFIG and --set. The run directory gets config.yaml, a step-0 checkpoint holding
+The architecture (`model.*`, the family picked by `model_type`: llama/qwen3 or fla's gla) is
+taken from HF_DIR/config.json; the rest (data, optim, schedule, train...) from CONFIG and --set. The run directory gets config.yaml, a step-0 checkpoint holding
 the imported weights (so a requeued run never restarts from random weights), the HF tokenizer
 when there is one, and imported_from.json; then it trains unless --no-train. Continue it later
 with `strata train --resume RUN_DIR`. The conversion lives in engine/export.py.
@@ -21,15 +21,15 @@ from engine.config import ConfigError, StrataConfig, apply_overrides, load_confi
 # ModelConfig fields fixed by the HF checkpoint (the rest, e.g. attn_backend, z_loss, max_seq_len, stay the config's).
 ARCHITECTURE_FIELDS = (
     "family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-    "norm_eps", "rope_theta", "qk_norm", "tie_embeddings",
+    "norm_eps", "rope_theta", "qk_norm", "tie_embeddings", "gla_gate_rank", "gla_gate_tau",
 )  # fmt: skip
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "import-hf",
-        help="start a run from a local Hugging Face Llama checkpoint",
-        description="Start a Strata run from a local HF Llama (or Qwen3-style qk-norm) directory: model "
+        help="start a run from a local Hugging Face checkpoint (Llama, Qwen3, fla GLA)",
+        description="Start a Strata run from a local HF Llama (or Qwen3-style qk-norm, or fla GLA) directory: model "
         "architecture from its config.json, everything else from CONFIG / --set, weights from its "
         "safetensors. Writes a step-0 checkpoint, then trains (unless --no-train).",
     )
@@ -59,11 +59,10 @@ def add_parser(subparsers) -> None:
 
 def merge_hf_architecture(tree: dict[str, Any], hf_dir: str | Path) -> dict[str, Any]:
     """The config tree with `model` architecture fields from HF_DIR; a conflicting value is an error."""
-    from engine.export import read_hf_config
-    from models.hf_llama import model_config_from_hf
+    from engine.export import read_hf_model_config
 
     try:
-        hf_model = model_config_from_hf(read_hf_config(hf_dir))
+        hf_model = read_hf_model_config(hf_dir)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{hf_dir}: {err}") from None
     user_model = dict(tree.get("model") or {})

@@ -131,6 +131,58 @@ def test_hf_names_round_trip_and_config():
         adapter.hf_config(tiny_cfg(gla_gate_tau=8.0))
 
 
+def test_hf_directory_imports_as_gla_by_model_type(tmp_path):
+    """An exported GLA directory comes back through the generic HF import (picked by model_type)."""
+    import json
+
+    from engine.export import build_model_from_hf, save_hf
+
+    cfg = tiny_cfg()
+    model = build(cfg, dtype=torch.float32).eval()
+    save_hf(model.state_dict(), cfg, tmp_path / "hf")
+    loaded, loaded_cfg = build_model_from_hf(tmp_path / "hf")
+    assert loaded_cfg.family == "gla"
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(ValueError, match=r"model_type: 'mamba' is not supported .*gla.*llama"):
+        build_model_from_hf(tmp_path / "hf")
+
+
+def test_import_hf_command_starts_a_gla_run(tmp_path, tiny_corpus):
+    """`strata import-hf` on an fla-style GLA directory: family from model_type, step-0 weights."""
+    import argparse
+
+    import yaml
+
+    from engine.checkpoint import resolve_checkpoint
+    from engine.export import export_hf, read_hf_weights, save_hf
+    from launch.commands import import_hf
+    from tests.conftest import tiny_config
+
+    cfg = tiny_cfg(vocab_size=384, max_seq_len=64)
+    save_hf(build(cfg, dtype=torch.float32).state_dict(), cfg, tmp_path / "hf")
+    tree = tiny_config(tiny_corpus, tmp_path / "run")
+    tree["model"] = {"max_seq_len": 64, "gla_backend": "torch"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tree))
+    parser = argparse.ArgumentParser()
+    import_hf.add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["import-hf", str(tmp_path / "hf"), str(tmp_path / "run.yaml"), "--no-train"]
+    )
+    assert args.func(args) == 0
+    step0 = resolve_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000000")
+    export_hf(step0, tmp_path / "back")
+    original, back = read_hf_weights(tmp_path / "hf"), read_hf_weights(tmp_path / "back")
+    assert original.keys() == back.keys()
+    for name, tensor in original.items():
+        assert torch.equal(tensor, back[name]), name
+    run_config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert run_config["model"]["family"] == "gla"
+
+
 def test_tensor_parallel_plan_on_one_rank(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
