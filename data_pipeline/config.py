@@ -5,6 +5,8 @@ The engine builds the loader from this; the data pipeline itself never imports t
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
@@ -16,6 +18,25 @@ class SourceConfig(BaseModel):
     path: str = Field(description="ShardSet directory (holds manifest.json) or a remote MDS location")
     name: str | None = Field(None, description="label in metrics; defaults to the directory name")
     weight: float = Field(1.0, gt=0, description="mixture weight (normalized over sources)")
+
+
+class MixtureConfig(BaseModel):
+    """How source weights move over the run (data_pipeline/mixture.py, METHODS.md §4)."""
+
+    model_config = STRICT
+
+    kind: Literal["fixed", "temperature"] = Field(
+        "fixed",
+        description="fixed: the sources' `weight`s; temperature: p_i ∝ weight_i * n_i^(1/T), n_i = tokens of source i",
+    )
+    temperature_start: float = Field(5.0, gt=0, allow_inf_nan=False, description="T at step 0")
+    temperature_end: float = Field(1.0, gt=0, allow_inf_nan=False, description="T after the cooldown")
+    cooldown: Literal["constant", "step", "linear", "cosine"] = Field(
+        "step", description="shape of T from start to end; constant = temperature_start throughout"
+    )
+    cooldown_at: float = Field(
+        0.5, ge=0, le=1, description="fraction of train.steps where `step` switches / linear and cosine arrive"
+    )
 
 
 class DataConfig(BaseModel):
@@ -30,6 +51,7 @@ class DataConfig(BaseModel):
     prefetch: int = Field(4, ge=0, description="steps prepared ahead in the background")
     cross_document_attention: bool = Field(False, description="False: attention and RoPE restart at each document")
     cache_dir: str | None = Field(None, description="local cache for remote MDS sources")
+    mixture: MixtureConfig = Field(default_factory=MixtureConfig)
 
     @model_validator(mode="after")
     def _check_batch(self) -> DataConfig:

@@ -2,7 +2,8 @@
 
 It owns the sampler state (global integers: step, one token cursor per source), reads the
 windows the sampler picks from the ShardSets, packs them (data_pipeline/packing.py) and keeps
-`data.prefetch` steps ready in a background thread. It also provides the deterministic eval
+`data.prefetch` steps ready in a background thread; the mixture weights come from
+data_pipeline/mixture.py over the sources' token counts. It also provides the deterministic eval
 iterator. It does not open process groups or compute losses.
 """
 
@@ -19,11 +20,10 @@ import numpy as np
 import torch
 
 from data_pipeline.config import DataConfig
+from data_pipeline.mixture import FixedMixture, MixtureSchedule, build_mixture
 from data_pipeline.packing import IGNORE_INDEX, ShardSetReader, pack_windows, read_window
 from data_pipeline.sampler import (
     DocumentStream,
-    FixedMixture,
-    MixtureSchedule,
     SampleId,
     Sampler,
     SamplerState,
@@ -105,7 +105,10 @@ class TrainLoader:
         shardsets: Sequence[ShardSetReader],
         names: Sequence[str] | None = None,
         mixture: MixtureSchedule | None = None,
+        total_steps: int | None = None,
     ) -> None:
+        """`mixture` defaults to the one `cfg.mixture` describes, over the sources' token counts;
+        `total_steps` (train.steps) is what a temperature cooldown is a fraction of."""
         if len(shardsets) == 0:
             raise ValueError("data.sources: at least one source is needed to train")
         self.cfg = cfg
@@ -119,10 +122,13 @@ class TrainLoader:
                 f"(global_batch_size {cfg.global_batch_size} / world size {world_size} = {per_rank})"
             )
         self.micro_batches_per_step = per_rank // cfg.micro_batch_size
+        lengths = [np.asarray(s.lengths) for s in self.shardsets]
         if mixture is None:
-            mixture = FixedMixture([s.weight for s in cfg.sources] or [1.0] * len(shardsets))
+            weights = [s.weight for s in cfg.sources] or [1.0] * len(shardsets)
+            token_counts = [int(source_lengths.sum()) for source_lengths in lengths]
+            mixture = build_mixture(cfg.mixture, token_counts, weights, total_steps)
         self.sampler = Sampler(
-            [np.asarray(s.lengths) for s in self.shardsets],
+            lengths,
             seed=cfg.seed,
             seq_len=cfg.seq_len,
             global_batch_size=cfg.global_batch_size,
@@ -183,6 +189,23 @@ class TrainLoader:
                 zip(self.sampler.names, self._state.cursors, strict=True)
             )
         }
+
+    def mixture_metrics(self) -> dict[str, float]:
+        """The weights of the last step handed out, per source (`mixture_weight/NAME`), and its
+        temperature; empty for a fixed mixture (its weights are in the config)."""
+        mixture = self.sampler.mixture
+        if isinstance(mixture, FixedMixture):
+            return {}
+        step = max(self._state.step - 1, 0)
+        weights = self.sampler.weights_at(step)
+        metrics = {
+            f"mixture_weight/{name}": float(w)
+            for name, w in zip(self.sampler.names, weights, strict=True)
+        }
+        temperature_at = getattr(mixture, "temperature_at", None)
+        if temperature_at is not None:
+            metrics["mixture_temperature"] = float(temperature_at(step))
+        return metrics
 
     # -- checkpoint --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -260,10 +283,15 @@ class TrainLoader:
 
 
 def build_train_loader(
-    cfg: DataConfig, rank: int, world_size: int, shardsets: Sequence[ShardSetReader] | None = None
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    shardsets: Sequence[ShardSetReader] | None = None,
+    total_steps: int | None = None,
 ) -> TrainLoader:
     """The loader for rank `rank` of `world_size` data-parallel ranks; opens `cfg.sources`
-    (data_pipeline.formats.open_shardset) unless ShardSet readers are passed in."""
+    (data_pipeline.formats.open_shardset) unless ShardSet readers are passed in. `total_steps`
+    (train.steps) is needed by a temperature mixture's cooldown."""
     if shardsets is None:
         from data_pipeline.formats import open_shardset
 
@@ -275,7 +303,7 @@ def build_train_loader(
                 f"data.sources lists {len(cfg.sources)} sources but {len(shardsets)} ShardSets were given"
             )
         names = source_names(cfg) if cfg.sources else None
-    return TrainLoader(cfg, rank, world_size, shardsets, names=names)
+    return TrainLoader(cfg, rank, world_size, shardsets, names=names, total_steps=total_steps)
 
 
 def eval_batches(

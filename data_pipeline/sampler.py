@@ -14,9 +14,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import numpy as np
+
+# the weight schedules live in data_pipeline.mixture; re-exported here for existing importers
+from data_pipeline.mixture import FixedMixture as FixedMixture
+from data_pipeline.mixture import MixtureSchedule as MixtureSchedule
 
 _PERMUTATION_STREAM = 0  # first word after the seed in every permutation's rng key
 _MIXTURE_STREAM = 1  # first word after the seed in every step's slot-assignment rng key
@@ -114,27 +118,6 @@ def epoch_permutation(seed: int, source_index: int, epoch: int, n_docs: int) -> 
     """The document order of one source in one epoch, seeded by (seed, source, epoch)."""
     rng = np.random.default_rng([seed, _PERMUTATION_STREAM, source_index, epoch])
     return rng.permutation(n_docs)
-
-
-class MixtureSchedule(Protocol):
-    """Source weights as a function of the step (fixed now; temperature/cooldown later)."""
-
-    def weights_at(self, step: int) -> np.ndarray: ...
-
-
-class FixedMixture:
-    """The same normalized weights at every step."""
-
-    def __init__(self, weights: Sequence[float]) -> None:
-        w = np.asarray(weights, dtype=np.float64)
-        if w.ndim != 1 or len(w) == 0 or (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-            raise ValueError(
-                f"mixture weights must be finite, >= 0 and not all 0, got {list(weights)}"
-            )
-        self.weights = w / w.sum()
-
-    def weights_at(self, step: int) -> np.ndarray:
-        return self.weights
 
 
 def assign_sources(seed: int, step: int, weights: np.ndarray, n_slots: int) -> np.ndarray:

@@ -109,7 +109,7 @@ class Trainer:
         if loader is None:
             from data_pipeline.loader import build_train_loader
 
-            loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size)
+            loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size, total_steps=cfg.train.steps)
         self.loader = loader
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
@@ -264,6 +264,8 @@ class Trainer:
                         if self.peak_flops
                         else None,
                     }
+                    if hasattr(self.loader, "mixture_metrics"):  # per-source weights unless fixed
+                        record.update(self.loader.mixture_metrics())
                     if ctx.device.type == "cuda":
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                     window_tokens, window_time, window_data, window_loss, window_steps = 0, 0.0, 0.0, 0.0, 0
