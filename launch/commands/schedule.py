@@ -2,6 +2,7 @@
 
 Reads the `schedule`, `optim.lr` and `train.steps` of a full config (Step-Law `auto` resolved),
 builds the schedule exactly as the trainer does (engine/schedules.py) and plots LR over steps.
+With `--mixture` it also plots the `data.mixture` source weights over steps (data_pipeline/mixture.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
+from data_pipeline.mixture import MixtureSchedule
 from engine.config import ConfigError, apply_overrides, load_config, read_yaml
 from engine.hparams import resolve_auto_hparams
 from engine.schedules import Schedule, build_schedule
@@ -38,6 +40,12 @@ def add_parser(subparsers) -> None:
         default=None,
         help='LR the run was at, for a rewarm with start_lr: "current"',
     )
+    plot.add_argument(
+        "--mixture",
+        action="store_true",
+        help="also plot the data.mixture source weights to <out stem>_mixture.png "
+        "(opens data.sources to count their tokens)",
+    )
     plot.set_defaults(func=run)
 
 
@@ -59,9 +67,66 @@ def schedule_from_config(
 
 def sampled_steps(schedule: Schedule, max_points: int = MAX_PLOT_POINTS) -> list[int]:
     """Every step of a short schedule; ~max_points evenly spaced ones (ends included) of a long one."""
-    first, count = schedule.start_step, schedule.total_steps
+    return _spread_steps(schedule.start_step, schedule.total_steps, max_points)
+
+
+def _spread_steps(first: int, count: int, max_points: int = MAX_PLOT_POINTS) -> list[int]:
     stride = max(1, -(-count // max_points))
     return sorted({*range(first, first + count, stride), first + count - 1})
+
+
+def mixture_from_config(
+    config: str, overrides: list[str], steps: int | None
+) -> tuple[list[str], MixtureSchedule, int]:
+    """(source names, the mixture the loader would build, total steps) of a full config."""
+    from data_pipeline.formats import open_shardset
+    from data_pipeline.loader import source_names
+    from data_pipeline.mixture import build_mixture
+
+    cfg = load_config(config, overrides)
+    if not cfg.data.sources:
+        raise ConfigError("data.sources: --mixture needs at least one source")
+    total = steps if steps is not None else cfg.train.steps
+    counts = []
+    for k, source in enumerate(cfg.data.sources):
+        try:
+            shardset = open_shardset(source.path, cache_dir=cfg.data.cache_dir)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.sources.{k}.path: cannot open {source.path}: {err}") from None
+        counts.append(int(shardset.lengths.sum()))
+    try:
+        names = source_names(cfg.data)
+        mixture = build_mixture(
+            cfg.data.mixture, counts, [s.weight for s in cfg.data.sources], total
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return names, mixture, total
+
+
+def plot_mixture(
+    names: list[str], mixture: MixtureSchedule, total_steps: int, out: str | Path
+) -> Path:
+    """Writes each source's weight over [0, total_steps) to `out` (atomically); returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = _spread_steps(0, total_steps)
+    weights = [mixture.weights_at(s) for s in steps]
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    for k, name in enumerate(names):
+        ax.plot(steps, [w[k] for w in weights], linewidth=1.5, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("source weight")
+    describe = getattr(getattr(mixture, "cooldown", None), "describe", None)
+    ax.set_title(f"mixture: {describe()}" if describe else "mixture: fixed", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save_png(fig, out)
 
 
 def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
@@ -80,6 +145,12 @@ def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return _save_png(fig, out)
+
+
+def _save_png(fig, out: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -107,4 +178,17 @@ def run(args: argparse.Namespace) -> int:
         f"step {last} = {schedule(last):.4g}"
     )
     print(f"wrote {path}")
+    if args.mixture:
+        try:
+            names, mixture, total = mixture_from_config(args.config, args.overrides, args.steps)
+        except ConfigError as err:
+            print(f"config error: {err}")
+            return 2
+        mixture_path = plot_mixture(
+            names, mixture, total, path.with_name(f"{path.stem}_mixture.png")
+        )
+        first, last = mixture.weights_at(0), mixture.weights_at(total - 1)
+        for k, name in enumerate(names):
+            print(f"mixture {name}: step 0 = {first[k]:.4f}, step {total - 1} = {last[k]:.4f}")
+        print(f"wrote {mixture_path}")
     return 0

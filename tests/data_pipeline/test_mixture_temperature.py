@@ -283,3 +283,33 @@ def test_trainer_metrics_show_weights_cooling_from_uniform_to_proportional(tiny_
         else:  # sampler steps 3..5: T = 1, proportional to tokens
             assert record["mixture_temperature"] == 1.0
             np.testing.assert_allclose(weights, proportional, rtol=1e-9)
+
+
+def test_schedule_plot_draws_the_mixture_weights(tiny_corpus, tmp_path, capsys):
+    import yaml
+
+    tree = tiny_config(
+        tiny_corpus,
+        tmp_path / "run",
+        **{
+            "data.sources": [
+                {"path": str(tiny_corpus / "train"), "name": "big"},
+                {"path": str(tiny_corpus / "val"), "name": "small"},
+            ],
+            "data.mixture": {
+                "kind": "temperature",
+                "temperature_start": 50.0,
+                "cooldown": "cosine",
+            },
+        },
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "lr.png"
+    assert main(["schedule", "plot", str(config), "--out", str(out), "--mixture"]) == 0
+    assert (tmp_path / "lr_mixture.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("mixture small")
+    ]
+    first, last = (float(part.split("= ")[1]) for part in lines[0].split(", "))
+    assert first == pytest.approx(0.5, abs=0.03) and last < 0.3
