@@ -109,7 +109,10 @@ class Trainer:
         if loader is None:
             from data_pipeline.loader import build_train_loader
 
-            loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size, total_steps=cfg.train.steps)
+            data_steps = cfg.train.steps  # the horizon of a changing mixture (data.mixture)
+            if cfg.continual.active and cfg.continual.data == "new":  # a fresh sampler counts from 0
+                data_steps -= cfg.continual.start_step or 0
+            loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size, total_steps=data_steps)
         self.loader = loader
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save

@@ -297,3 +297,17 @@ def test_summary_plans_several_epochs_of_a_small_subset(tiny_corpus, source, tmp
     epochs = 2000 * 8 * 32 / per_epoch
     assert epochs > 2
     assert f"    subset: weight 100%, from its start, ~{epochs:.2f} epochs by the end" in capsys.readouterr().out
+
+
+def test_new_data_cools_its_mixture_over_the_continual_run_not_the_global_steps(
+    tiny_corpus, source, tmp_path
+):
+    """continual.data=new starts a fresh sampler at 0: a temperature cooldown spans the steps
+    this run trains (train.steps - start step), not the global step count."""
+    trainer = continual_trainer(
+        tiny_corpus, source, tmp_path / "mix", {"data": "new"},
+        **{"data.sources": two_sources(tiny_corpus), "data.mixture": {"kind": "temperature"}},
+    )  # fmt: skip
+    trainer.loader.close()
+    assert trainer.step == 6
+    assert trainer.loader.sampler.mixture.cooldown.total_steps == 10 - 6
