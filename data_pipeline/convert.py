@@ -2,16 +2,19 @@
 
 Same documents, same order, same counts; new shards, a new manifest whose provenance names the
 parent manifest's sha256. Resumable like `prepare` (it uses the same ShardSetWriter).
+`write_documents` (a chosen list of a parent's documents -> a ShardSet) is also the writing path
+of `select`.
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.formats import open_shardset
+from data_pipeline.formats import ShardSet, open_shardset
 from data_pipeline.formats.writer import ShardSetWriter, check_writable, parse_size
 from data_pipeline.manifest import (
     MANIFEST_NAME,
@@ -21,6 +24,70 @@ from data_pipeline.manifest import (
     write_json_atomic,
 )
 from data_pipeline.prepare import ProgressLine, build_manifest, clear_output_dir
+
+
+def write_documents(
+    parent: ShardSet,
+    doc_ids: Sequence[int] | None,
+    out_dir: Path,
+    format_name: str,
+    *,
+    shard_size_bytes: int,
+    compression: str | None,
+    fingerprint: dict[str, Any],
+    counts: dict[str, Any],
+    options: dict[str, Any],
+    provenance: dict[str, Any],
+    progress: bool,
+    label: str,
+) -> dict[str, Any]:
+    """Write `parent`'s documents `doc_ids` (None: all), in that order, as a ShardSet in `out_dir`.
+
+    Resumable through ShardSetWriter (the resume cursor is an index into `doc_ids`); copies the
+    parent's tokenizer.json and writes manifest.json last. Returns the manifest.
+    """
+    ids = range(len(parent)) if doc_ids is None else doc_ids
+    position = [0]
+
+    def snapshot() -> dict[str, Any]:
+        return {"cursor": list(position)}
+
+    writer = ShardSetWriter(
+        out_dir, format_name, parent.dtype, shard_size_bytes, compression, fingerprint, snapshot
+    )
+    if writer.finished:
+        return read_manifest(out_dir)
+    start = writer.resume_point["cursor"][0] if writer.resume_point else 0
+    line = ProgressLine(len(ids), progress, label=label)
+    tokens_done = 0
+    for index in range(start, len(ids)):
+        position[0] = index
+        tokens = parent.get(int(ids[index]))
+        writer.add(tokens)
+        tokens_done += len(tokens)
+        line.update(index + 1, tokens_done, index + 1)
+    position[0] = len(ids)
+    lengths = writer.finish()
+    line.update(len(ids), tokens_done, len(ids), final=True)
+
+    if parent.tokenizer_path is not None:
+        shutil.copyfile(parent.tokenizer_path, out_dir / TOKENIZER_NAME)
+    pm = parent.manifest
+    manifest = build_manifest(
+        format_name=format_name,
+        dtype=parent.dtype,
+        eos_token=pm.get("eos_token"),
+        eos_id=parent.eos_id,
+        tokenizer_info=pm["tokenizer"],
+        counts=counts,
+        lengths=lengths,
+        shards=writer.shards,
+        options=options,
+        provenance=provenance,
+    )
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    writer.mark_complete()
+    return manifest
 
 
 def convert(
@@ -44,49 +111,23 @@ def convert(
         clear_output_dir(out_dir)
     parent_sha = manifest_sha256(parent.root)
     shard_size_bytes = parse_size(shard_size)
-    fingerprint = {
-        "parent_manifest_sha256": parent_sha,
-        "format": format_name,
-        "shard_size_bytes": shard_size_bytes,
-        "compression": compression,
-    }
-    position = [0]
-
-    def snapshot() -> dict[str, Any]:
-        return {"cursor": list(position)}
-
-    writer = ShardSetWriter(
-        out_dir, format_name, parent.dtype, shard_size_bytes, compression, fingerprint, snapshot
-    )
-    if writer.finished:
-        return read_manifest(out_dir)
-    start = writer.resume_point["cursor"][0] if writer.resume_point else 0
-    line = ProgressLine(len(parent), progress, label="convert")
-    tokens_done = 0
-    for doc_id in range(start, len(parent)):
-        position[0] = doc_id
-        tokens = parent.get(doc_id)
-        writer.add(tokens)
-        tokens_done += len(tokens)
-        line.update(doc_id + 1, tokens_done, doc_id + 1)
-    position[0] = len(parent)
-    lengths = writer.finish()
-    line.update(len(parent), tokens_done, len(parent), final=True)
-
-    if parent.tokenizer_path is not None:
-        shutil.copyfile(parent.tokenizer_path, out_dir / TOKENIZER_NAME)
     pm = parent.manifest
     counts = dict(pm["counts"])
     counts.update(rejected=pm.get("rejected", {}), sources=pm.get("sources", {}))
-    manifest = build_manifest(
-        format_name=format_name,
-        dtype=parent.dtype,
-        eos_token=pm.get("eos_token"),
-        eos_id=parent.eos_id,
-        tokenizer_info=pm["tokenizer"],
+    manifest = write_documents(
+        parent,
+        None,
+        out_dir,
+        format_name,
+        shard_size_bytes=shard_size_bytes,
+        compression=compression,
+        fingerprint={
+            "parent_manifest_sha256": parent_sha,
+            "format": format_name,
+            "shard_size_bytes": shard_size_bytes,
+            "compression": compression,
+        },
         counts=counts,
-        lengths=lengths,
-        shards=writer.shards,
         options={**pm.get("options", {}), "shard_size_bytes": shard_size_bytes,
                  "compression": compression},
         provenance={
@@ -95,12 +136,12 @@ def convert(
             "parent_location": str(source),
             "parent_provenance": pm.get("provenance"),
         },
+        progress=progress,
+        label="convert",
     )
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
-    writer.mark_complete()
     if progress:
         print(
-            f"convert: wrote {len(parent):,} documents as {len(writer.shards)} {format_name} "
+            f"convert: wrote {len(parent):,} documents as {len(manifest['shards'])} {format_name} "
             f"shards to {out_dir}",
             file=sys.stderr,
         )
