@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -472,18 +473,29 @@ def start_continual_run(trainer: Trainer, notes: list[str] | None = None) -> Con
     return summary
 
 
+def _mean_mixture_weights(trainer: Trainer, first_step: int, steps: int) -> list[float]:
+    """Each source's share of the coming `steps` sampler steps: the mixture's weights averaged
+    over (at most 256 evenly spaced) steps, so a temperature cooldown is counted as it moves."""
+    mixture = getattr(getattr(trainer.loader, "sampler", None), "mixture", None)
+    if mixture is None:  # a loader without a sampler (tests, benchmarks): the config's weights
+        weights = [s.weight for s in trainer.cfg.data.sources]
+        return [w / (sum(weights) or 1.0) for w in weights]
+    probe = np.unique(np.linspace(first_step, first_step + steps - 1, num=min(steps, 256)).round())
+    return np.mean([mixture.weights_at(int(step)) for step in probe], axis=0).tolist()
+
+
 def _data_summary(trainer: Trainer, source: SourceState | None) -> dict[str, Any]:
     """Per source: weight, where it starts, and the epochs it will have gone through by the end
     (a small subset trained for several epochs, METHODS.md §7 recipe 1, shows up here)."""
     cfg, policy = trainer.cfg, trainer.cfg.continual
     state = trainer.loader.state_dict()
     before = set((source.loader or {}).get("sources", {})) if source is not None else set()
-    weights = [s.weight for s in cfg.data.sources]
-    total_weight = sum(weights) or 1.0
-    run_tokens = (cfg.train.steps - trainer.step) * cfg.data.global_batch_size * cfg.data.seq_len
+    steps_left = max(cfg.train.steps - trainer.step, 1)
+    run_tokens = steps_left * cfg.data.global_batch_size * cfg.data.seq_len
+    shares = _mean_mixture_weights(trainer, int(state.get("step", 0)), steps_left)
     sources = []
-    for (name, entry), weight in zip(state.get("sources", {}).items(), weights, strict=False):
-        share = weight / total_weight
+    for (name, entry), share in zip(state.get("sources", {}).items(), shares, strict=False):
+        share = float(share)
         per_epoch = max(int(entry["tokens_per_epoch"]), 1)
         sources.append(
             {

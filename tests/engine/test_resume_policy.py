@@ -78,7 +78,9 @@ def assert_weights_equal(trainer: Trainer, weights: dict[str, torch.Tensor]) -> 
         torch.testing.assert_close(param.detach(), weights[name], rtol=0, atol=0, msg=name)
 
 
-def test_optimizer_keep_preserves_moments_with_the_new_hyperparameters(tiny_corpus, source, tmp_path):
+def test_optimizer_keep_preserves_moments_with_the_new_hyperparameters(
+    tiny_corpus, source, tmp_path
+):
     trainer = continual_trainer(
         tiny_corpus, source, tmp_path / "keep", {"optimizer": "keep"},
         **{"optim.weight_decay": 0.05, "optim.beta2": 0.99},
@@ -121,11 +123,15 @@ def test_fresh_adam_state_updates_exactly_like_a_never_stepped_adamw(fused):
 
 
 def test_step_and_schedule_continue(tiny_corpus, source, tmp_path):
-    trainer = continual_trainer(tiny_corpus, source, tmp_path / "c", {"schedule": "continue", "step": "continue"})
+    trainer = continual_trainer(
+        tiny_corpus, source, tmp_path / "c", {"schedule": "continue", "step": "continue"}
+    )
     trainer.loader.close()
     assert trainer.step == 6 and trainer.tokens_seen == source.tokens_seen
     assert trainer.schedule.state_dict() == source.schedule  # the source's schedule, not REWARM
-    assert trainer.schedule(6) == pytest.approx(LR_CONST) and trainer.schedule(9) == pytest.approx(LR_CONST)
+    assert trainer.schedule(6) == pytest.approx(LR_CONST) and trainer.schedule(9) == pytest.approx(
+        LR_CONST
+    )
     notes = json.loads((tmp_path / "c" / SUMMARY_FILE).read_text())["notes"]
     assert notes == [
         "this config's schedule section is not used (schedule: continue)",
@@ -133,8 +139,12 @@ def test_step_and_schedule_continue(tiny_corpus, source, tmp_path):
     ]
 
 
-def test_schedule_restart_rewarms_from_the_source_lr_at_the_start_step(tiny_corpus, source, tmp_path):
-    trainer = continual_trainer(tiny_corpus, source, tmp_path / "r", {"schedule": "restart", "step": "continue"})
+def test_schedule_restart_rewarms_from_the_source_lr_at_the_start_step(
+    tiny_corpus, source, tmp_path
+):
+    trainer = continual_trainer(
+        tiny_corpus, source, tmp_path / "r", {"schedule": "restart", "step": "continue"}
+    )
     trainer.loader.close()
     assert trainer.step == 6 and trainer.cfg.continual.current_lr == pytest.approx(LR_CONST)
     assert trainer.schedule.start_step == 6 and trainer.schedule.total_steps == 4
@@ -144,7 +154,9 @@ def test_schedule_restart_rewarms_from_the_source_lr_at_the_start_step(tiny_corp
 
 
 def test_step_reset_restarts_the_counter_and_the_schedule_at_zero(tiny_corpus, source, tmp_path):
-    trainer = continual_trainer(tiny_corpus, source, tmp_path / "z", {"step": "reset"}, **{"train.steps": 4})
+    trainer = continual_trainer(
+        tiny_corpus, source, tmp_path / "z", {"step": "reset"}, **{"train.steps": 4}
+    )
     trainer.loader.close()
     assert trainer.step == 0 and trainer.tokens_seen == 0
     assert trainer.schedule.start_step == 0 and trainer.schedule.total_steps == 4
@@ -152,12 +164,16 @@ def test_step_reset_restarts_the_counter_and_the_schedule_at_zero(tiny_corpus, s
     assert_weights_equal(trainer, source.weights)
 
 
-def test_data_continue_draws_exactly_what_the_source_would_have_drawn_next(tiny_corpus, source, tmp_path):
+def test_data_continue_draws_exactly_what_the_source_would_have_drawn_next(
+    tiny_corpus, source, tmp_path
+):
     trainer = continual_trainer(tiny_corpus, source, tmp_path / "d", {"data": "continue"})
     assert trainer.loader.state_dict() == source.loader
     got = trainer.loader.next_step()
     trainer.loader.close()
-    reference = Trainer(load_config(source_tree(tiny_corpus, tmp_path / "ref")), init_distributed("cpu"))
+    reference = Trainer(
+        load_config(source_tree(tiny_corpus, tmp_path / "ref")), init_distributed("cpu")
+    )
     reference.loader.load_state_dict(source.loader)
     expected = reference.loader.next_step()
     reference.loader.close()
@@ -165,9 +181,15 @@ def test_data_continue_draws_exactly_what_the_source_would_have_drawn_next(tiny_
         assert torch.equal(a["input_ids"], b["input_ids"])
 
 
-def test_data_continue_with_replay_keeps_old_cursors_and_starts_new_sources(tiny_corpus, source, tmp_path):
+def test_data_continue_with_replay_keeps_old_cursors_and_starts_new_sources(
+    tiny_corpus, source, tmp_path
+):
     trainer = continual_trainer(
-        tiny_corpus, source, tmp_path / "rp", {"data": "continue"}, **{"data.sources": two_sources(tiny_corpus)}
+        tiny_corpus,
+        source,
+        tmp_path / "rp",
+        {"data": "continue"},
+        **{"data.sources": two_sources(tiny_corpus)},
     )
     trainer.loader.close()
     state = trainer.loader.state_dict()
@@ -178,7 +200,11 @@ def test_data_continue_with_replay_keeps_old_cursors_and_starts_new_sources(tiny
 
 def test_data_new_starts_a_fresh_sampler(tiny_corpus, source, tmp_path):
     trainer = continual_trainer(
-        tiny_corpus, source, tmp_path / "n", {"data": "new"}, **{"data.sources": two_sources(tiny_corpus)}
+        tiny_corpus,
+        source,
+        tmp_path / "n",
+        {"data": "new"},
+        **{"data.sources": two_sources(tiny_corpus)},
     )
     trainer.loader.close()
     state = trainer.loader.state_dict()
@@ -187,7 +213,9 @@ def test_data_new_starts_a_fresh_sampler(tiny_corpus, source, tmp_path):
 
 def test_data_continue_refuses_a_changed_seed(tiny_corpus, source, tmp_path):
     with pytest.raises(ConfigError, match=r"continual\.data.*data\.seed"):
-        continual_trainer(tiny_corpus, source, tmp_path / "s", {"data": "continue"}, **{"data.seed": 99})
+        continual_trainer(
+            tiny_corpus, source, tmp_path / "s", {"data": "continue"}, **{"data.seed": 99}
+        )
 
 
 def test_summary_says_what_was_kept_and_reset(tiny_corpus, source, tmp_path, capsys):
@@ -205,8 +233,13 @@ def test_summary_says_what_was_kept_and_reset(tiny_corpus, source, tmp_path, cap
     assert block[0] == f"continual run {run_dir} <- {source.step_dir.resolve()} (step 6)"
     assert block[1] == f"  weights:   loaded from {source.step_dir.resolve()}"
     assert block[2] == "  optimizer: reset (fresh AdamW: zero moments, step 0)"
-    assert block[3] == f"  step:      continued at 6 -> ends at 10 (4 steps; {source.tokens_seen:,} tokens seen before)"
-    assert block[4].startswith("  schedule:  restarted (this config's schedule): LR schedule from step 6: rewarm")
+    assert (
+        block[3]
+        == f"  step:      continued at 6 -> ends at 10 (4 steps; {source.tokens_seen:,} tokens seen before)"
+    )
+    assert block[4].startswith(
+        "  schedule:  restarted (this config's schedule): LR schedule from step 6: rewarm"
+    )
     assert block[4].endswith(f"(the source's LR there: {LR_CONST:.4g})")
     assert block[5] == "  data:      continued (sampler position from the source), sampler step 6"
     assert block[6].startswith(f"    tiny: weight 25%, at epoch {epoch:.2f}, ~")
@@ -227,7 +260,9 @@ def test_summary_says_what_was_kept_and_reset(tiny_corpus, source, tmp_path, cap
     assert pinned.source == str(source.step_dir.resolve())
 
 
-def test_own_checkpoints_win_over_the_source_and_resume_exactly(tiny_corpus, source, tmp_path, monkeypatch, capsys):
+def test_own_checkpoints_win_over_the_source_and_resume_exactly(
+    tiny_corpus, source, tmp_path, monkeypatch, capsys
+):
     def tree(run_dir):
         values = {"schedule": dict(REWARM), "train.steps": 10, "checkpoint.every": 0}
         out = tiny_config(tiny_corpus, run_dir, **values)
@@ -264,7 +299,10 @@ def test_a_different_model_is_a_config_error(tiny_corpus, source, tmp_path):
         ({"optimizer": "reset"}, r"continual: optimizer: set, but no continual\.source"),
         ({"from_hf": "x", "optimizer": "keep"}, r"optimizer: 'keep' needs a Strata checkpoint"),
         ({"from_hf": "x", "data": "continue"}, r"data: 'continue' needs a Strata checkpoint"),
-        ({"source": "x", "schedule": "continue", "step": "reset"}, r"schedule: 'continue' needs step 'continue'"),
+        (
+            {"source": "x", "schedule": "continue", "step": "reset"},
+            r"schedule: 'continue' needs step 'continue'",
+        ),
         ({"source": "x", "from_hf": "y"}, r"either"),
     ],
 )
@@ -290,13 +328,20 @@ def test_summary_plans_several_epochs_of_a_small_subset(tiny_corpus, source, tmp
     epoch, and the summary says how many epochs each source will have gone through."""
     subset = [{"path": str(tiny_corpus / "val"), "name": "subset"}]
     trainer = continual_trainer(
-        tiny_corpus, source, tmp_path / "ep", {"data": "new"}, **{"data.sources": subset, "train.steps": 2006}
+        tiny_corpus,
+        source,
+        tmp_path / "ep",
+        {"data": "new"},
+        **{"data.sources": subset, "train.steps": 2006},
     )
     trainer.loader.close()
     per_epoch = trainer.loader.state_dict()["sources"]["subset"]["tokens_per_epoch"]
     epochs = 2000 * 8 * 32 / per_epoch
     assert epochs > 2
-    assert f"    subset: weight 100%, from its start, ~{epochs:.2f} epochs by the end" in capsys.readouterr().out
+    assert (
+        f"    subset: weight 100%, from its start, ~{epochs:.2f} epochs by the end"
+        in capsys.readouterr().out
+    )
 
 
 def test_new_data_cools_its_mixture_over_the_continual_run_not_the_global_steps(
@@ -311,3 +356,13 @@ def test_new_data_cools_its_mixture_over_the_continual_run_not_the_global_steps(
     trainer.loader.close()
     assert trainer.step == 6
     assert trainer.loader.sampler.mixture.cooldown.total_steps == 10 - 6
+    mixture = trainer.loader.sampler.mixture
+    expected = (
+        mixture.weights_at(0)
+        + mixture.weights_at(1)
+        + mixture.weights_at(2)
+        + mixture.weights_at(3)
+    ) / 4
+    summary = json.loads((tmp_path / "mix" / SUMMARY_FILE).read_text())
+    shares = [s["weight"] for s in summary["data"]["sources"]]
+    assert shares == pytest.approx(expected.tolist())  # the cooldown's mean, not the fixed 1:3
