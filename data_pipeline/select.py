@@ -148,11 +148,12 @@ class _Batch:
 
 
 def _packed_batches(shardset: ShardSet, window: int, rows: int) -> Iterator[_Batch]:
-    """Windows of all documents, in corpus order, packed next-fit into rows of `window` tokens.
+    """Windows of all documents, in corpus order, packed first-fit into a batch of `rows` rows.
 
-    A window that does not fit in the rest of a row starts the next row; the tail of a row is
-    padding (its own position-0 segment, labels ignored). Position ids restart at 0 at every
-    window, so no token attends to another document (or another window).
+    Each window goes to the first row of the current batch with room for it; a window that fits
+    in no row closes the batch. Row tails are padding (a position-0 segment of its own, labels
+    ignored). Position ids restart at 0 at every window, so no token attends to another
+    document (or another window of the same document).
     """
 
     def empty() -> _Batch:
@@ -166,10 +167,15 @@ def _packed_batches(shardset: ShardSet, window: int, rows: int) -> Iterator[_Bat
             tokens=0,
         )
 
-    def close_row(batch: _Batch, row: int, col: int) -> None:
-        batch.position_ids[row, col:] = np.arange(window - col)  # padding: a segment of its own
+    def closed(batch: _Batch, fill: np.ndarray) -> _Batch:
+        used = int(np.count_nonzero(fill))  # rows fill in order: row r+1 is used only if r is
+        for row in range(used):
+            batch.position_ids[row, fill[row] :] = np.arange(window - fill[row])
+        for name in ("input_ids", "labels", "position_ids", "owner"):
+            setattr(batch, name, getattr(batch, name)[:used])
+        return batch
 
-    batch, row, col = empty(), 0, 0
+    batch, fill = empty(), np.zeros(rows, np.int64)  # fill[r]: tokens placed in row r
     lengths = np.asarray(shardset.lengths)
     for doc_id in range(len(shardset)):
         windows = list(document_windows(int(lengths[doc_id]), window))
@@ -179,29 +185,24 @@ def _packed_batches(shardset: ShardSet, window: int, rows: int) -> Iterator[_Bat
             continue
         tokens = np.asarray(shardset.get(doc_id), dtype=np.int64)
         for index, (start, n) in enumerate(windows):
-            if col + n > window:
-                close_row(batch, row, col)
-                row, col = row + 1, 0
-            if row == rows:
-                yield batch
-                batch, row, col = empty(), 0, 0
+            fits = fill + n <= window
+            if not fits.any():
+                yield closed(batch, fill)
+                batch, fill = empty(), np.zeros(rows, np.int64)
+                fits = fill + n <= window
+            row = int(np.argmax(fits))
             if not batch.docs or batch.docs[-1] != doc_id:
                 batch.docs.append(doc_id)
-            span = slice(col, col + n)
+            span = slice(int(fill[row]), int(fill[row]) + n)
             batch.input_ids[row, span] = tokens[start : start + n]
             batch.labels[row, span] = tokens[start + 1 : start + n + 1]
             batch.position_ids[row, span] = np.arange(n)
             batch.owner[row, span] = len(batch.docs) - 1
             batch.tokens += n + (1 if index == 0 else 0)
-            col += n
+            fill[row] += n
         batch.finished += 1
     if batch.docs or batch.finished:
-        if col:
-            close_row(batch, row, col)
-        used = row + (1 if col else 0)
-        for name in ("input_ids", "labels", "position_ids", "owner"):
-            setattr(batch, name, getattr(batch, name)[:used])
-        yield batch
+        yield closed(batch, fill)
 
 
 def score_documents(
@@ -380,6 +381,10 @@ def select(
     _check_output(parent, out_dir, overwrite)
     parent_sha = manifest_sha256(parent.root)
     keep = method.keep_count(len(parent), value)
+    if keep == 0:
+        raise ValueError(
+            f"--{method.parameter} {value}: keeps no document of {len(parent)} ({method.name})"
+        )
 
     if scores_file is not None:
         scores = Scores.load(scores_file)

@@ -202,6 +202,10 @@ def test_cli_color_filter_writes_a_trainable_shardset_with_provenance(setup, tin
                    "--tau", "2", "--out", str(loose), "--quiet"]) == 0
     loose_selection = json.loads((loose / "manifest.json").read_text())["provenance"]["selection"]
     assert loose_selection["kept"] == 24 and loose_selection["scores_from"].endswith(SCORES_NAME)
+    # a tau that keeps nothing is an error, not an empty ShardSet
+    assert strata(["select", "color-filter", str(pool), "--scores", str(out / SCORES_NAME),
+                   "--tau", "100", "--out", str(tmp_path / "none"), "--quiet"]) == 2
+    assert not (tmp_path / "none").exists()
 
     # the loader reads it and the trainer trains on it
     tree = tiny_config(tiny_corpus, tmp_path / "run", **{"train.steps": 2, "checkpoint.every": 0,
