@@ -1,7 +1,7 @@
 """The ShardSet `manifest.json`: counts, tokenizer fingerprint, dtype, histogram, provenance.
 
-Owns the manifest's shape, the document-length histogram and atomic JSON/npy writes (temp file +
-os.replace). It does not decide what the counts are; prepare/convert pass them in.
+Owns the manifest's shape, the document-length histogram and atomic JSON/npy/directory writes
+(temp + os.replace). It does not decide what the counts are; prepare/convert pass them in.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,20 @@ def json_bytes(obj: Any) -> bytes:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json_bytes(obj))
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Moves the finished directory `new` to `target`; an old `target` is removed only after the
+    new one is in place, so a crash leaves the old directory or the new one."""
+    new.chmod(0o755)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def write_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from data_pipeline.convert import write_documents
 from data_pipeline.formats import ShardSet, open_shardset
 from data_pipeline.formats.writer import STATE_DIR, parse_size
-from data_pipeline.manifest import manifest_sha256
+from data_pipeline.manifest import manifest_sha256, replace_dir
 from data_pipeline.packing import IGNORE_INDEX
 from data_pipeline.prepare import ProgressLine
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -340,18 +340,6 @@ def _check_output(parent: ShardSet, out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(f"--out {out_dir}: already exists (pass --overwrite to replace it)")
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an old `target` is removed only after the new one is in place."""
-    new.chmod(0o755)
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
 def select(
     method_name: str,
     source: str | Path,
@@ -471,7 +459,7 @@ def select(
         )
         shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
         scores.save(tmp / SCORES_NAME)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

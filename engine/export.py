@@ -9,7 +9,6 @@ generation_config.json and the run's tokenizer; reads single/sharded safetensors
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.manifest import replace_dir
 from models.config import ModelConfig
 from models.spec import get_spec, spec_for_hf_model_type
 
@@ -154,24 +154,11 @@ def save_hf(
         )
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Moves `new` to `target`; an old `target` is removed only after the new one is in place."""
-    new.chmod(0o755)
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- Strata checkpoints
@@ -342,14 +329,30 @@ def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> ModelConfig:
     return model_cfg
 
 
-def build_model_from_hf(
-    hf_dir: str | Path, device: str | torch.device = "cpu", **model_overrides: Any
-) -> tuple[nn.Module, ModelConfig]:
-    """A Strata model (eval mode) holding an HF directory's weights, and its ModelConfig."""
-    model_cfg, state_dict = load_hf_checkpoint(hf_dir, **model_overrides)
+def build_model_from_checkpoint(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ModelConfig, Path]:
+    """A Strata model (eval mode) holding a run's or checkpoint's weights, its ModelConfig and
+    the run directory (for the run's tokenizer)."""
+    state_dict, model_cfg, run_dir = load_checkpoint_weights(checkpoint)
+    return _model_holding(state_dict, model_cfg, device), model_cfg, run_dir
+
+
+def _model_holding(
+    state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, device: str | torch.device
+) -> nn.Module:
+    """The family's model built on `device` with exactly `state_dict`'s weights, in eval mode."""
     with torch.device("meta"):
         model = get_spec(model_cfg.family).build(model_cfg)
     model.to_empty(device=device)
     model.init_weights()  # non-persistent buffers (RoPE tables); parameters are overwritten next
     model.load_state_dict(state_dict, strict=True)
-    return model.eval(), model_cfg
+    return model.eval()
+
+
+def build_model_from_hf(
+    hf_dir: str | Path, device: str | torch.device = "cpu", **model_overrides: Any
+) -> tuple[nn.Module, ModelConfig]:
+    """A Strata model (eval mode) holding an HF directory's weights, and its ModelConfig."""
+    model_cfg, state_dict = load_hf_checkpoint(hf_dir, **model_overrides)
+    return _model_holding(state_dict, model_cfg, device), model_cfg

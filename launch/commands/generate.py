@@ -62,20 +62,8 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _load_model(checkpoint: str, device: torch.device):
-    from engine.export import load_checkpoint_weights
-    from models.spec import get_spec
-
-    state_dict, model_cfg, run_dir = load_checkpoint_weights(checkpoint)
-    with torch.device("meta"):
-        model = get_spec(model_cfg.family).build(model_cfg)
-    model.to_empty(device=device)
-    model.init_weights()  # fills non-persistent buffers (Llama's RoPE tables); weights come next
-    model.load_state_dict(state_dict)
-    return model.eval(), model_cfg, run_dir
-
-
 def run(args: argparse.Namespace) -> int:
+    from engine.export import build_model_from_checkpoint
     from models.generate import generate
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -86,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device(args.device)
     try:
-        model, model_cfg, run_dir = _load_model(args.checkpoint, device)
+        model, model_cfg, run_dir = build_model_from_checkpoint(args.checkpoint, device)
         tokenizer, eos_id = None, None
         if not args.ids or not args.no_eos_stop:
             tokenizer, eos_id = _tokenizer(args.tokenizer, run_dir, required=not args.ids)

@@ -101,10 +101,9 @@ def load_scoring_model(checkpoint: str, device: torch.device):
         description = {"path": str(path), "kind": "hf", "family": model_cfg.family}
     else:
         from engine.checkpoint import resolve_checkpoint
-        from engine.export import find_run_tokenizer
-        from launch.commands.generate import _load_model
+        from engine.export import build_model_from_checkpoint, find_run_tokenizer
 
-        model, model_cfg, run_dir = _load_model(checkpoint, device)
+        model, model_cfg, run_dir = build_model_from_checkpoint(checkpoint, device)
         tokenizer = find_run_tokenizer(run_dir)
         description = {
             "path": str(path),
