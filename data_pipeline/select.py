@@ -1,8 +1,9 @@
 """Data selection by model-likelihood difference: CoLoR-Filter and MiniPLM (METHODS.md §1, §2).
 
 Owns scoring (mean token NLL of every document under one or more models, documents packed
-several per row with restarting position_ids), the two score formulas, top-k choice, the scores
-file, and writing the chosen documents as a new ShardSet whose manifest names its parent.
+several per row with restarting position_ids; fp32 or bf16 autocast, fp32 cross-entropy over
+token chunks), the two score formulas, top-k choice (global, or the streaming CoLoR-Filter
+variant), the scores file, and writing the chosen documents as a new ShardSet naming its parent.
 It does not load checkpoints: callers pass `ScoringModel`s (data_pipeline never imports engine).
 """
 
@@ -33,6 +34,10 @@ from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 SCORES_NAME = "scores.npz"
 SCORES_VERSION = 1
+SCORE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# fp32 logits held at once by the cross-entropy (per chunk of scored tokens): 1 GiB
+LOGITS_CHUNK_BYTES = 1 << 30
+SELECTIONS = ("global", "streaming")
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,10 @@ class ScoringModel:
     """A causal LM as selection needs it: `logits(input_ids [B,T], position_ids [B,T]) -> [B,T,V]`.
 
     `max_seq_len` bounds the scoring window; `tokenizer_path` (None: unknown) and `vocab_size`
-    are checked against the ShardSet; `description` goes into the provenance.
+    are checked against the ShardSet; `description` goes into the provenance. A model that also
+    gives `hidden_states(input_ids, position_ids) -> [B,T,D]` and `project(h [n,D]) -> [n,V]`
+    (Strata's Llama and GLA do) is projected only at scored tokens, a chunk at a time, so the
+    full [B,T,V] logits never exist; otherwise `logits` is called and its output chunked.
     """
 
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -72,6 +80,8 @@ class ScoringModel:
     vocab_size: int
     tokenizer_path: Path | None
     description: dict[str, Any] = field(default_factory=dict)
+    hidden_states: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 class TokenizerMismatch(ValueError):
@@ -205,28 +215,81 @@ def _packed_batches(shardset: ShardSet, window: int, rows: int) -> Iterator[_Bat
         yield closed(batch, fill)
 
 
+def resolve_score_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """`--dtype` to the autocast dtype: auto is bf16 on CUDA and fp32 elsewhere."""
+    device = torch.device(device)
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in SCORE_DTYPES:
+        raise ValueError(f"--dtype must be one of auto, {', '.join(SCORE_DTYPES)}; got {name!r}")
+    return SCORE_DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.bfloat16` -> "bf16" (the name the provenance and scores file record)."""
+    return {v: k for k, v in SCORE_DTYPES.items()}[dtype]
+
+
+def _token_nll(
+    model: ScoringModel,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    targets: torch.Tensor,
+    scored: torch.Tensor,
+    chunk_tokens: int,
+) -> torch.Tensor:
+    """NLL (float32) of `targets` at the flat positions `scored` of the batch, chunk by chunk.
+
+    Only `chunk_tokens` rows of logits are upcast to float32 (and, for a model with
+    hidden_states/project, projected) at a time; logsumexp and the target logit are float32
+    whatever dtype the forward ran in.
+    """
+    if model.hidden_states is not None and model.project is not None:
+        hidden = model.hidden_states(input_ids, position_ids)
+        flat, project = hidden.reshape(-1, hidden.shape[-1]), model.project
+    else:
+        logits = model.logits(input_ids, position_ids)
+        flat, project = logits.reshape(-1, logits.shape[-1]), None
+    pieces = []
+    for start in range(0, scored.shape[0], chunk_tokens):
+        rows = flat[scored[start : start + chunk_tokens]]
+        logits = (rows if project is None else project(rows)).float()
+        pieces.append(
+            F.cross_entropy(logits, targets[start : start + chunk_tokens], reduction="none")
+        )
+    return torch.cat(pieces) if pieces else targets.new_zeros(0, dtype=torch.float32)
+
+
 def score_documents(
     shardset: ShardSet,
     models: Sequence[ScoringModel],
     *,
     batch_tokens: int = 16384,
     device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    logits_chunk_bytes: int = LOGITS_CHUNK_BYTES,
     progress: bool = True,
     label: str = "score",
 ) -> tuple[np.ndarray, int]:
     """Mean token NLL (nats) of every document under each model: ([len(models), N] float64, window).
 
     All models see the same packed batches; the window is the smallest `max_seq_len` among them
-    (see `document_windows`). Cross-entropy is taken in float32 and summed in float64.
+    (see `document_windows`). The forward runs under autocast to `dtype` when that is not
+    float32 (bf16 on CUDA); cross-entropy is taken in float32 over chunks of at most
+    `logits_chunk_bytes` of float32 logits, and summed per document in float64.
     """
     if not models:
         raise ValueError("score_documents: no models given")
+    if dtype not in SCORE_DTYPES.values():
+        raise ValueError(f"score_documents: dtype must be float32 or bfloat16, got {dtype}")
     window = min(m.max_seq_len for m in models)
     rows = max(1, batch_tokens // window)
     device = torch.device(device)
     num_docs = len(shardset)
     nll_sum = np.zeros((len(models), num_docs), np.float64)
     count = np.zeros(num_docs, np.int64)
+    chunks = [max(1, logits_chunk_bytes // (4 * m.vocab_size)) for m in models]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     line = ProgressLine(int(np.asarray(shardset.lengths).sum()), progress, label=label)
     docs_done = tokens_done = 0
     with torch.inference_mode():
@@ -240,20 +303,13 @@ def score_documents(
                 count[docs] += np.bincount(owner[valid], minlength=len(docs))
                 input_ids = torch.from_numpy(batch.input_ids).to(device)
                 position_ids = torch.from_numpy(batch.position_ids).to(device)
-                labels = torch.from_numpy(batch.labels).to(device).reshape(-1)
+                scored = torch.from_numpy(np.flatnonzero(valid)).to(device)
+                targets = torch.from_numpy(batch.labels.reshape(-1)[valid]).to(device)
                 owner_t = torch.from_numpy(owner[valid]).to(device)
-                valid_t = torch.from_numpy(valid).to(device)
                 for m, model in enumerate(models):
-                    logits = model.logits(input_ids, position_ids)
-                    nll = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]).float(),
-                        labels,
-                        ignore_index=IGNORE_INDEX,
-                        reduction="none",
-                    )
-                    sums = torch.bincount(
-                        owner_t, weights=nll[valid_t].double(), minlength=len(docs)
-                    )
+                    with autocast:
+                        nll = _token_nll(model, input_ids, position_ids, targets, scored, chunks[m])
+                    sums = torch.bincount(owner_t, weights=nll.double(), minlength=len(docs))
                     nll_sum[m, docs] += sums.cpu().numpy()
             line.update(docs_done, tokens_done, tokens_done)
     line.update(docs_done, tokens_done, tokens_done, final=True)
@@ -278,6 +334,36 @@ def top_k_in_corpus_order(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(ranked[:k])
 
 
+def streaming_top_k(scores: np.ndarray, chunk_docs: int, tau: float) -> np.ndarray:
+    """The streaming CoLoR-Filter variant (ours, not the paper's): doc ids, in corpus order.
+
+    The corpus is cut into consecutive chunks of `chunk_docs` documents; each keeps its best
+    floor(len(chunk) / tau) by `top_k_in_corpus_order` (ties by smaller doc id, NaN last), so
+    a decision needs only its chunk's scores. A full chunk keeps floor(chunk_docs / tau), the
+    last (shorter) one floor(its length / tau); the total can be below the global floor(N / tau)
+    when chunk_docs is not a multiple of tau.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    check_streaming(chunk_docs, tau)
+    kept = [
+        start + top_k_in_corpus_order(chunk, math.floor(len(chunk) / tau))
+        for start in range(0, len(scores), chunk_docs)
+        for chunk in (scores[start : start + chunk_docs],)
+    ]
+    return np.concatenate(kept) if kept else np.zeros(0, np.int64)
+
+
+def check_streaming(chunk_docs: int | None, tau: float) -> None:
+    """A chunk must be able to keep a document: chunk_docs >= tau."""
+    if chunk_docs is None or chunk_docs < 1:
+        raise ValueError(f"--chunk-docs must be a positive integer for --selection streaming, got {chunk_docs}")
+    if math.floor(chunk_docs / tau) < 1:
+        raise ValueError(
+            f"--chunk-docs {chunk_docs}: a chunk keeps floor({chunk_docs} / tau {tau}) = 0 "
+            "documents; use --chunk-docs >= tau"
+        )
+
+
 @dataclass
 class Scores:
     """What `--scores FILE` reloads: per-role NLLs, the score, and where they came from."""
@@ -287,6 +373,7 @@ class Scores:
     window: int
     parent_sha256: str
     models: dict[str, dict[str, Any]]
+    dtype: str = "fp32"  # the forward's precision ("fp32" or "bf16"); cross-entropy is fp32
 
     @property
     def score(self) -> np.ndarray:
@@ -300,6 +387,7 @@ class Scores:
             "window": self.window,
             "parent_manifest_sha256": self.parent_sha256,
             "models": self.models,
+            "dtype": self.dtype,
             "formula": "score = NLL[{}] - NLL[{}] (mean token NLL, nats)".format(
                 *METHODS[self.method].roles
             ),
@@ -326,7 +414,14 @@ class Scores:
                 nll = {role: np.asarray(data[f"nll_{role}"]) for role in METHODS[method].roles}
         except (KeyError, ValueError, OSError) as err:
             raise ValueError(f"--scores {path}: not a strata select scores file ({err})") from None
-        return cls(method, nll, int(meta["window"]), meta["parent_manifest_sha256"], meta["models"])
+        return cls(
+            method,
+            nll,
+            int(meta["window"]),
+            meta["parent_manifest_sha256"],
+            meta["models"],
+            meta.get("dtype", "fp32"),
+        )
 
 
 # --------------------------------------------------------------------------- the command
@@ -350,6 +445,9 @@ def select(
     scores_file: str | Path | None = None,
     batch_tokens: int = 16384,
     device: torch.device | str = "cpu",
+    dtype: str = "auto",
+    selection: str = "global",
+    chunk_docs: int | None = None,
     format_name: str | None = None,
     shard_size: str | int = "64MB",
     overwrite: bool = False,
@@ -358,17 +456,30 @@ def select(
     """Score (or reload scores for) every document of `source`, keep the top k, write `out_dir`.
 
     `value` is tau (color-filter) or alpha (miniplm). `models` maps the method's two roles to
-    ScoringModels; with `scores_file` no model is needed. The output is a new ShardSet (the
-    parent's format unless `format_name`) holding the kept documents in corpus order, plus
-    `scores.npz`; it is written to a temporary directory and renamed into place. Returns the
-    output manifest.
+    ScoringModels; with `scores_file` no model is needed. `dtype` (auto, fp32, bf16) is the
+    forward's precision (`resolve_score_dtype`). `selection` is "global" (the paper's top k) or,
+    for color-filter only, "streaming" (`streaming_top_k` over chunks of `chunk_docs`). The
+    output is a new ShardSet (the parent's format unless `format_name`) holding the kept
+    documents in corpus order, plus `scores.npz`; it is written to a temporary directory and
+    renamed into place. Returns the output manifest.
     """
     method = METHODS[method_name]
+    score_dtype = resolve_score_dtype(dtype, device)
+    if selection not in SELECTIONS:
+        raise ValueError(f"--selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if selection == "streaming" and method.parameter != "tau":
+        raise ValueError(f"--selection streaming is a CoLoR-Filter variant; {method.name} has none")
+    if selection == "global" and chunk_docs is not None:
+        raise ValueError("--chunk-docs applies only to --selection streaming")
     parent = open_shardset(source)
     out_dir = Path(out_dir)
     _check_output(parent, out_dir, overwrite)
     parent_sha = manifest_sha256(parent.root)
     keep = method.keep_count(len(parent), value)
+    if selection == "streaming":
+        check_streaming(chunk_docs, value)
+        full_chunks, rest = divmod(len(parent), chunk_docs)
+        keep = full_chunks * math.floor(chunk_docs / value) + math.floor(rest / value)
     if keep == 0:
         raise ValueError(
             f"--{method.parameter} {value}: keeps no document of {len(parent)} ({method.name})"
@@ -396,6 +507,7 @@ def select(
             [models[role] for role in method.roles],
             batch_tokens=batch_tokens,
             device=device,
+            dtype=score_dtype,
             progress=progress,
             label=f"select {method.name}",
         )
@@ -405,8 +517,18 @@ def select(
             window,
             parent_sha,
             {role: models[role].description for role in method.roles},
+            dtype_name(score_dtype),
         )
-    kept = top_k_in_corpus_order(scores.score, keep)
+    if selection == "streaming":
+        kept = streaming_top_k(scores.score, chunk_docs, value)
+        rule = (
+            f"streaming variant (ours, not the paper's): best floor({chunk_docs} / tau) of each "
+            f"consecutive chunk of {chunk_docs} documents, ties by smaller doc id, NaN last; "
+            "corpus order kept"
+        )
+    else:
+        kept = top_k_in_corpus_order(scores.score, keep)
+        rule = "global top k, ties by smaller doc id, NaN last; corpus order kept"
 
     format_name = format_name or parent.manifest["format"]
     shard_size_bytes = parse_size(shard_size)
@@ -415,12 +537,15 @@ def select(
         "method": method.name,
         method.parameter: value,
         "score": "NLL[{}] - NLL[{}], mean token NLL in nats; higher is kept".format(*method.roles),
-        "rule": "global top k, ties by smaller doc id, NaN last; corpus order kept",
+        "selection": selection,
+        "rule": rule,
+        "chunk_docs": chunk_docs,
         "k": int(keep),
         "kept": int(len(kept)),
         "dropped": int(len(parent) - len(kept)),
         "unscored_documents": int(np.isnan(scores.score).sum()),
         "window": scores.window,
+        "dtype": scores.dtype,
         "models": scores.models,
         "scores_file": SCORES_NAME,
         "scores_from": str(scores_file) if scores_file is not None else None,
@@ -478,9 +603,13 @@ __all__ = [
     "Scores",
     "ScoringModel",
     "TokenizerMismatch",
+    "check_streaming",
     "check_tokenizer",
     "document_windows",
+    "dtype_name",
+    "resolve_score_dtype",
     "score_documents",
     "select",
+    "streaming_top_k",
     "top_k_in_corpus_order",
 ]

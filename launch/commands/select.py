@@ -38,6 +38,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="where the models run (auto: cuda if available)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="forward precision: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU); "
+        "log-softmax and NLL sums stay fp32",
+    )
+    parser.add_argument(
         "--scores",
         default=None,
         metavar="FILE",
@@ -73,6 +80,21 @@ def add_parser(subparsers) -> None:
     for role in ("prior", "conditional"):
         color.add_argument(f"--{role}", metavar="CKPT", help=ROLE_HELP[role] + CKPT_HELP)
     color.add_argument("--tau", type=float, default=16.0, help="keep 1/tau of the documents (default 16)")
+    color.add_argument(
+        "--selection",
+        choices=["global", "streaming"],
+        default="global",
+        help="global: the paper's top floor(N/tau) over the whole pool (default); streaming: a "
+        "variant (ours, not the paper's) keeping the best floor(M/tau) of each consecutive "
+        "chunk of --chunk-docs M documents",
+    )
+    color.add_argument(
+        "--chunk-docs",
+        type=int,
+        default=None,
+        metavar="M",
+        help="documents per chunk for --selection streaming (>= tau; best a multiple of tau)",
+    )
     color.set_defaults(func=run, roles=("prior", "conditional"), parameter="tau")
 
     mini = methods.add_parser(
@@ -85,7 +107,9 @@ def add_parser(subparsers) -> None:
     for role in ("teacher", "reference"):
         mini.add_argument(f"--{role}", metavar="CKPT", help=ROLE_HELP[role] + CKPT_HELP)
     mini.add_argument("--alpha", type=float, default=0.5, help="fraction of documents kept (default 0.5)")
-    mini.set_defaults(func=run, roles=("reference", "teacher"), parameter="alpha")
+    mini.set_defaults(
+        func=run, roles=("reference", "teacher"), parameter="alpha", selection="global", chunk_docs=None
+    )
 
 
 def load_scoring_model(checkpoint: str, device: torch.device):
@@ -118,6 +142,8 @@ def load_scoring_model(checkpoint: str, device: torch.device):
 
     return ScoringModel(
         logits=logits,
+        hidden_states=getattr(model, "hidden_states", None),
+        project=getattr(model, "project", None),
         max_seq_len=model_cfg.max_seq_len,
         vocab_size=model_cfg.vocab_size,
         tokenizer_path=tokenizer if tokenizer is not None and Path(tokenizer).is_file() else None,
@@ -155,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
             scores_file=args.scores,
             batch_tokens=args.batch_tokens,
             device=device,
+            dtype=args.dtype,
+            selection=args.selection,
+            chunk_docs=args.chunk_docs,
             format_name=args.format,
             shard_size=args.shard_size,
             overwrite=args.overwrite,

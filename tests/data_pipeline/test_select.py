@@ -25,7 +25,9 @@ from data_pipeline.select import (
     Scores,
     ScoringModel,
     document_windows,
+    resolve_score_dtype,
     score_documents,
+    streaming_top_k,
     top_k_in_corpus_order,
 )
 from data_pipeline.tokenizer import train_byte_level_bpe
@@ -66,6 +68,27 @@ def test_miniplm_keeps_top_alpha_n_by_reference_minus_teacher():
     assert top_k_in_corpus_order(scores.score, k).tolist() == [2, 4, 6]  # restored corpus order
     with pytest.raises(ValueError, match="alpha"):
         METHODS["miniplm"].keep_count(7, 1.5)
+
+
+def test_streaming_variant_keeps_best_of_each_chunk_in_corpus_order():
+    # chunks of 4 with tau 2: each keeps its best 2; the last chunk (3 docs) keeps floor(3/2) = 1
+    score = np.array([0.1, 0.9, 0.5, 0.7,   # chunk 0 -> docs 1, 3
+                      2.0, 3.0, 1.0, 4.0,   # chunk 1 -> docs 5, 7
+                      -1.0, np.nan, -2.0])  # chunk 2 -> doc 8 (NaN ranks last)
+    kept = streaming_top_k(score, chunk_docs=4, tau=2)
+    assert kept.tolist() == [1, 3, 5, 7, 8]
+    # the global top 5 differs: chunk 1's scores beat all of chunk 0's
+    assert top_k_in_corpus_order(score, 5).tolist() == [1, 4, 5, 6, 7]
+    # ties inside a chunk go to the smaller doc id; deterministic across calls
+    ties = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 5.0])
+    assert streaming_top_k(ties, 3, 3).tolist() == [0, 5]
+    assert streaming_top_k(ties, 3, 3).tolist() == streaming_top_k(ties.copy(), 3, 3).tolist()
+    # one chunk spanning the pool is the global top k
+    assert streaming_top_k(score, 11, 2).tolist() == top_k_in_corpus_order(score, 5).tolist()
+    with pytest.raises(ValueError, match="chunk-docs"):
+        streaming_top_k(score, chunk_docs=3, tau=4)  # a chunk could keep nothing
+    with pytest.raises(ValueError, match="chunk-docs"):
+        streaming_top_k(score, chunk_docs=0, tau=1)
 
 
 def test_windows_cover_every_target_once():
@@ -130,8 +153,34 @@ def test_packed_nll_equals_scoring_each_document_alone(family):
     for m, model in enumerate(models):
         expected = [alone_nll(model, data.get(d), window) for d in range(len(lengths))]
         np.testing.assert_allclose(nll[m], expected, rtol=0, atol=1e-5, equal_nan=True)
+    # projecting only scored tokens, 5 at a time (hidden_states/project), changes nothing
+    split = [
+        ScoringModel(lambda i, p: 1 / 0, window, 64, None, hidden_states=lambda i, p, m=m: m.hidden_states(i, p),
+                     project=m.project)
+        for m in models
+    ]
+    chunked, _ = score_documents(data, split, batch_tokens=3 * window, logits_chunk_bytes=4 * 64 * 5,
+                                 progress=False)
+    np.testing.assert_allclose(chunked, nll, rtol=0, atol=1e-5, equal_nan=True)
     assert np.isnan(nll[:, 1]).all() and np.isfinite(np.delete(nll, 1, axis=1)).all()
     assert not np.allclose(nll[0], nll[1], equal_nan=True)  # two different models, two scores
+
+
+def test_bf16_autocast_scores_close_to_fp32_on_cpu():
+    assert resolve_score_dtype("auto", "cpu") == torch.float32  # fp32 stays the CPU default
+    assert resolve_score_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_score_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype"):
+        resolve_score_dtype("fp16", "cpu")
+    window = 16
+    data = ArrayShardSet([5, 17, 40, 9, 3, 12], vocab_size=64, seed=4)
+    model = tiny_model("llama", 1)
+    scoring = [ScoringModel(model, window, 64, None, hidden_states=model.hidden_states, project=model.project)]
+    fp32, _ = score_documents(data, scoring, batch_tokens=2 * window, progress=False)
+    bf16, _ = score_documents(data, scoring, batch_tokens=2 * window, dtype=torch.bfloat16, progress=False)
+    assert not np.array_equal(bf16, fp32)  # the forward did run in bf16
+    np.testing.assert_allclose(bf16, fp32, rtol=0, atol=0.01)  # ~4.2 nats; measured diff ~1e-4
+    assert model.tok_embeddings.weight.dtype == torch.float32  # weights untouched
 
 
 # --------------------------------------------------------------------------- end to end
@@ -206,6 +255,21 @@ def test_cli_color_filter_writes_a_trainable_shardset_with_provenance(setup, tin
     assert strata(["select", "color-filter", str(pool), "--scores", str(out / SCORES_NAME),
                    "--tau", "100", "--out", str(tmp_path / "none"), "--quiet"]) == 2
     assert not (tmp_path / "none").exists()
+    # the streaming variant: best 2 of each chunk of 8, labelled as such in the provenance
+    stream = tmp_path / "stream"
+    assert strata(["select", "color-filter", str(pool), "--scores", str(out / SCORES_NAME), "--tau", "4",
+                   "--selection", "streaming", "--chunk-docs", "8", "--out", str(stream), "--quiet"]) == 0
+    stream_selection = json.loads((stream / "manifest.json").read_text())["provenance"]["selection"]
+    assert stream_selection["selection"] == "streaming" and stream_selection["chunk_docs"] == 8
+    assert "variant" in stream_selection["rule"] and stream_selection["kept"] == 12
+    streamed = streaming_top_k(scores.score, 8, 4)
+    assert all(np.array_equal(c, parent[d]) for c, d in zip(documents(stream), streamed, strict=True))
+    assert selection["selection"] == "global" and selection["dtype"] == "fp32"  # CPU default
+    for bad in (["--chunk-docs", "8"], ["--selection", "streaming"], ["--selection", "streaming",
+                                                                      "--chunk-docs", "3"]):
+        assert strata(["select", "color-filter", str(pool), "--scores", str(out / SCORES_NAME), "--tau", "4",
+                       *bad, "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()
 
     # the loader reads it and the trainer trains on it
     tree = tiny_config(tiny_corpus, tmp_path / "run", **{"train.steps": 2, "checkpoint.every": 0,
@@ -219,11 +283,13 @@ def test_cli_miniplm_keeps_top_half_by_reference_minus_teacher(setup, tmp_path):
     root, prior, cond = setup
     pool, out = root / "pool", tmp_path / "mini"
     assert strata(["select", "miniplm", str(pool), "--teacher", str(cond), "--reference", str(prior),
-                   "--out", str(out), "--format", "wds", "--quiet"]) == 0
+                   "--out", str(out), "--format", "wds", "--dtype", "bf16", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "wds" and manifest["counts"]["documents"] == 24
     assert manifest["provenance"]["selection"]["alpha"] == 0.5
+    assert manifest["provenance"]["selection"]["dtype"] == "bf16"
     scores = Scores.load(out / SCORES_NAME)
+    assert scores.dtype == "bf16"
     np.testing.assert_allclose(scores.score, scores.nll["reference"] - scores.nll["teacher"])
     parent = documents(pool)
     kept = top_k_in_corpus_order(scores.score, 24)
