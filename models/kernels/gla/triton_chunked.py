@@ -652,7 +652,7 @@ def _forward(q, k, v, g, scale, initial_state, layout, n_seqs):
     _cumsum_fwd[(n_chunks, triton.cdiv(key_dim, bk), heads)](
         g, gc, cu, chunk_info, BK=bk, **shared, **LAUNCH["cumsum"]
     )
-    h = q.new_empty(n_chunks, heads, key_dim, val_dim)
+    h = q.new_empty(_chunk_capacity(q.shape[0], q.shape[1], n_seqs), heads, key_dim, val_dim)
     ht = q.new_empty(n_seqs, heads, key_dim, val_dim, dtype=state_dtype)
     h0 = initial_state.contiguous() if initial_state is not None else ht
     bvs = _state_value_block(val_dim, n_seqs * heads * triton.cdiv(key_dim, bk))
@@ -712,33 +712,84 @@ def _backward(q, k, v, g, h, ht, gc, attn, do, dht, scale, layout, n_seqs, want_
     return dq, dk, dv, dg, dh0
 
 
-class _ChunkGLA(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, g, scale, initial_state, cu_seqlens, n_seqs):
-        batch, seq_len = q.shape[:2]
-        layout = _layout(cu_seqlens, batch, seq_len, q.device)
-        o, h, ht, gc, attn = _forward(q, k, v, g, scale, initial_state, layout, n_seqs)
-        ctx.save_for_backward(q, k, v, g, h, ht, gc, attn)
-        ctx.layout, ctx.scale, ctx.n_seqs = layout, scale, n_seqs
-        ctx.has_h0 = initial_state is not None
-        ctx.h0_dtype = None if initial_state is None else initial_state.dtype
-        ctx.set_materialize_grads(False)  # an unused final state gives dht = None
-        return o, ht
+def _chunk_capacity(batch: int, seq_len: int, n_seqs: int) -> int:
+    """Rows of the per-chunk state buffer, known from shapes alone (so that torch.compile can
+    trace the op): every sequence adds at most one partial chunk to B*T // 64 full ones."""
+    return (batch * seq_len) // CHUNK + n_seqs
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, g, h, ht, gc, attn = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros_like(v)
-        want_dh0 = ctx.has_h0 and ctx.needs_input_grad[5]
-        dq, dk, dv, dg, dh0 = _backward(
-            q, k, v, g, h, ht, gc, attn, do.contiguous(),
-            None if dht is None else dht.contiguous(), ctx.scale, ctx.layout, ctx.n_seqs,
-            want_dh0,
-        )  # fmt: skip
-        if dh0 is not None:
-            dh0 = dh0.to(ctx.h0_dtype)
-        return dq, dk, dv, dg, None, dh0, None, None
+
+# The kernels are two opaque custom ops with shape functions and an autograd formula, so that
+# torch.compile keeps a GLA layer in one graph (an autograd.Function around Triton launches and
+# host-side layout code makes dynamo break the graph there).
+@torch.library.custom_op(
+    "strata::gla_chunk_fwd",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, float scale, Tensor? initial_state, "
+    "Tensor? cu_seqlens, int n_seqs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _gla_fwd_op(q, k, v, g, scale, initial_state, cu_seqlens, n_seqs):
+    """(o, h: state at every chunk start, ht: final states, G, A)."""
+    layout = _layout(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    return _forward(q, k, v, g, scale, initial_state, layout, n_seqs)
+
+
+@_gla_fwd_op.register_fake
+def _(q, k, v, g, scale, initial_state, cu_seqlens, n_seqs):
+    batch, seq_len, heads, key_dim = q.shape
+    val_dim = v.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (
+        torch.empty_like(v),
+        q.new_empty(_chunk_capacity(batch, seq_len, n_seqs), heads, key_dim, val_dim),
+        q.new_empty(n_seqs, heads, key_dim, val_dim, dtype=acc),
+        q.new_empty(q.shape, dtype=acc),
+        q.new_empty(batch, seq_len, heads, CHUNK, dtype=acc),
+    )
+
+
+@torch.library.custom_op(
+    "strata::gla_chunk_bwd",
+    mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor g, Tensor h, Tensor ht, Tensor gc, Tensor attn, "
+    "Tensor do, Tensor? dht, float scale, Tensor? cu_seqlens, int n_seqs, bool want_dh0) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+def _gla_bwd_op(q, k, v, g, h, ht, gc, attn, do, dht, scale, cu_seqlens, n_seqs, want_dh0):
+    """(dq, dk, dv, dlog_g, d initial_state; an empty tensor unless want_dh0)."""
+    layout = _layout(cu_seqlens, q.shape[0], q.shape[1], q.device)
+    dq, dk, dv, dg, dh0 = _backward(
+        q, k, v, g, h, ht, gc, attn, do, dht, scale, layout, n_seqs, want_dh0
+    )
+    return dq, dk, dv, dg, (dh0 if dh0 is not None else ht.new_empty(0))
+
+
+@_gla_bwd_op.register_fake
+def _(q, k, v, g, h, ht, gc, attn, do, dht, scale, cu_seqlens, n_seqs, want_dh0):
+    dh0 = torch.empty_like(ht) if want_dh0 else ht.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g), dh0
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, g, scale, initial_state, cu_seqlens, n_seqs = inputs
+    _, h, ht, gc, attn = output
+    ctx.save_for_backward(q, k, v, g, h, ht, gc, attn, cu_seqlens)
+    ctx.scale, ctx.n_seqs = scale, n_seqs
+    ctx.h0_dtype = None if initial_state is None else initial_state.dtype
+
+
+def _gla_backward(ctx, do, _dh, dht, _dgc, _dattn):
+    q, k, v, g, h, ht, gc, attn, cu_seqlens = ctx.saved_tensors
+    want_dh0 = ctx.h0_dtype is not None and ctx.needs_input_grad[5]
+    dq, dk, dv, dg, dh0 = _gla_bwd_op(
+        q, k, v, g, h, ht, gc, attn,
+        torch.zeros_like(v) if do is None else do.contiguous(),
+        None if dht is None else dht.contiguous(),
+        ctx.scale, cu_seqlens, ctx.n_seqs, want_dh0,
+    )  # fmt: skip
+    return dq, dk, dv, dg, None, (dh0.to(ctx.h0_dtype) if want_dh0 else None), None, None
+
+
+_gla_fwd_op.register_autograd(_gla_backward, setup_context=_setup_backward)
 
 
 def gla_triton_chunked(
@@ -755,5 +806,5 @@ def gla_triton_chunked(
     _check_device(q)
     scale = default_scale(q, scale)
     q, k, v, log_g = (x.contiguous() for x in (q, k, v, log_g))
-    o, ht = _ChunkGLA.apply(q, k, v, log_g, scale, initial_state, cu_seqlens, n_seqs)
+    o, _, ht, _, _ = _gla_fwd_op(q, k, v, log_g, scale, initial_state, cu_seqlens, n_seqs)
     return o, (ht if output_final_state else None)
