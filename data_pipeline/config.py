@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -39,6 +39,26 @@ class MixtureConfig(BaseModel):
     )
 
 
+class DecompositionConfig(BaseModel):
+    """Train on a dataset decomposition (METHODS.md §3): one bucket length per step, a variable
+    sequence-length curriculum (data_pipeline/curriculum.py). Replaces `data.sources`."""
+
+    model_config = STRICT
+
+    path: str = Field(description="directory written by `strata decompose` (index over its parent ShardSet)")
+    curriculum: Literal["uniform", "grow_linear", "grow_p2"] = Field(
+        "grow_p2",
+        description="bucket odds, shortest first: uniform 1:1:..., grow_linear n:...:2:1, grow_p2 2^(n-1):...:2:1",
+    )
+    cycles: int = Field(8, ge=1, description="each bucket's batches are split into this many curriculum cycles per epoch")
+    tokens_per_step: int | None = Field(
+        None, gt=0, description="input tokens per optimizer step, all ranks; default global_batch_size * seq_len"
+    )
+    micro_batch_tokens: int | None = Field(
+        None, gt=0, description="tokens per forward/backward on one rank; default micro_batch_size * seq_len"
+    )
+
+
 class DataConfig(BaseModel):
     model_config = STRICT
 
@@ -52,6 +72,26 @@ class DataConfig(BaseModel):
     cross_document_attention: bool = Field(False, description="False: attention and RoPE restart at each document")
     cache_dir: str | None = Field(None, description="local cache for remote MDS sources")
     mixture: MixtureConfig = Field(default_factory=MixtureConfig)
+    decomposition: DecompositionConfig | None = Field(
+        None, description="train on `strata decompose` chunks with a length curriculum instead of sources"
+    )
+
+    @field_validator("decomposition")
+    @classmethod
+    def _decomposition_replaces_sources(
+        cls, value: DecompositionConfig | None, info: ValidationInfo
+    ) -> DecompositionConfig | None:
+        if value is None:
+            return value
+        if info.data.get("sources"):
+            raise ValueError(
+                "replaces data.sources (its chunks come from the decomposition's parent ShardSet); "
+                "leave data.sources empty"
+            )
+        mixture = info.data.get("mixture")
+        if mixture is not None and mixture.kind != "fixed":
+            raise ValueError("a decomposition has one source; data.mixture.kind must stay 'fixed'")
+        return value
 
     @model_validator(mode="after")
     def _check_batch(self) -> DataConfig:

@@ -291,7 +291,13 @@ def build_train_loader(
 ) -> TrainLoader:
     """The loader for rank `rank` of `world_size` data-parallel ranks; opens `cfg.sources`
     (data_pipeline.formats.open_shardset) unless ShardSet readers are passed in. `total_steps`
-    (train.steps) is needed by a temperature mixture's cooldown."""
+    (train.steps) is needed by a temperature mixture's cooldown. With `data.decomposition` set,
+    the loader of data_pipeline.curriculum (one reader may be passed in, for its parent)."""
+    if cfg.decomposition is not None:
+        from data_pipeline.curriculum import build_decomposition_loader
+
+        parent = shardsets[0] if shardsets else None
+        return build_decomposition_loader(cfg, rank, world_size, parent)  # type: ignore[return-value]
     if shardsets is None:
         from data_pipeline.formats import open_shardset
 

@@ -114,6 +114,9 @@ class Trainer:
                 data_steps -= cfg.continual.start_step or 0
             loader = build_train_loader(cfg.data, self.dp_rank, self.dp_size, total_steps=data_steps)
         self.loader = loader
+        longest = getattr(loader, "longest_sequence", cfg.data.seq_len)  # data.decomposition: 2^max bucket
+        if longest > cfg.model.max_seq_len:
+            raise ValueError(f"data.decomposition: rows of {longest} tokens exceed model.max_seq_len ({cfg.model.max_seq_len})")
         self.checkpointer = Checkpointer(
             self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
         )
