@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine.config import ConfigError, load_config
@@ -59,3 +61,14 @@ def test_malformed_override(tmp_path):
 def test_seq_len_beyond_model(tmp_path):
     with pytest.raises(ConfigError, match="data.seq_len .* exceeds model.max_seq_len"):
         load_config(None, ["data.seq_len=1024", "model.max_seq_len=512"])
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_every_shipped_preset_validates(preset):
+    """configs/*.yaml load as they ship (continual recipes as `strata resume` starts them)."""
+    overrides = ["continual.source=runs/demo"] if preset.name.startswith("continual_") else []
+    cfg = load_config(preset, overrides)
+    assert cfg.model.family in ("llama", "gla")
