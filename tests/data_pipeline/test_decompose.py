@@ -286,3 +286,61 @@ def test_cli_writes_an_index_with_provenance_and_a_short_training_run_varies_len
     (parent / "manifest.json").write_text((parent / "manifest.json").read_text() + " ")
     with pytest.raises(ValueError, match="changed since decomposition"):
         build_train_loader(DataConfig(decomposition={"path": str(out)}), 0, 1)
+
+
+def _records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "seq_len" in r]
+
+
+def test_training_resumes_mid_curriculum_and_refuses_rows_longer_than_the_model(
+    tiny_corpus, tmp_path
+):
+    from engine.entry import run_training
+    from launch.cli import main
+    from tests.conftest import tiny_config
+
+    out = tmp_path / "decomposed"
+    assert (
+        main(
+            [
+                "decompose",
+                str(tiny_corpus / "train"),
+                "--out",
+                str(out),
+                "--min-log2",
+                "4",
+                "--max-log2",
+                "6",
+            ]
+        )
+        == 0
+    )
+
+    def tree(run_dir, steps, **extra):
+        overrides = {
+            "data.sources": [],
+            "data.decomposition": {
+                "path": str(out),
+                "tokens_per_step": 128,
+                "micro_batch_tokens": 64,
+                "cycles": 1,
+            },
+            "train.steps": steps,
+            "schedule.name": "constant",  # the same learning rates whatever train.steps says
+            "checkpoint.every": 0,
+            "train.eval_batches": 1,
+            "logging.tensorboard": False,
+            **extra,
+        }
+        return tiny_config(tiny_corpus, run_dir, **overrides)
+
+    assert run_training(tree(tmp_path / "whole", 4)).exit_code == 0
+    assert run_training(tree(tmp_path / "cut", 2)).exit_code == 0
+    resumed = run_training(tree(tmp_path / "cut", 4), resume=str(tmp_path / "cut"))
+    assert resumed.exit_code == 0 and resumed.step == 4
+    whole, cut = _records(tmp_path / "whole"), _records(tmp_path / "cut")
+    assert [r["seq_len"] for r in whole] == [r["seq_len"] for r in cut]
+    np.testing.assert_allclose([r["loss"] for r in whole], [r["loss"] for r in cut], rtol=1e-5)
+    with pytest.raises(ValueError, match="exceed model.max_seq_len"):
+        run_training(tree(tmp_path / "short", 2, **{"model.max_seq_len": 32}))
