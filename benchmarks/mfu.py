@@ -61,7 +61,8 @@ def main() -> int:
         tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
         tps_device = tokens_per_step / step_time / ctx.world_size
         peak = device_peak_flops(ctx.device, cfg.logging.peak_flops)
-        mfu = trainer.flops_per_token * tps_device / peak if peak else None
+        flops_per_token = trainer.flops_per_token_at(cfg.data.seq_len)
+        mfu = flops_per_token * tps_device / peak if peak else None
         result = {
             "config": args.config,
             "overrides": args.overrides,
@@ -75,7 +76,7 @@ def main() -> int:
             "activation_checkpointing": cfg.parallel.activation_checkpointing,
             "step_time_s": step_time,
             "tokens_per_s_per_device": tps_device,
-            "flops_per_token": trainer.flops_per_token,
+            "flops_per_token": flops_per_token,
             "mfu": mfu,
             "peak_mem_gb": torch.cuda.max_memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else None,
         }

@@ -8,6 +8,7 @@ runs at different topologies follow the same curve.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -123,7 +124,9 @@ class Trainer:
         self.stop = StopRequest().install()
         self.step, self.tokens_seen = 0, 0
         spec = get_spec(cfg.model.family)
-        self.flops_per_token = spec.flops_per_token(cfg.model, cfg.data.seq_len)
+        self.flops_per_token_at = functools.lru_cache(maxsize=32)(
+            lambda row_len: spec.flops_per_token(cfg.model, row_len)
+        )  # by row length: data.decomposition changes it from step to step
         self.peak_flops = device_peak_flops(ctx.device, cfg.logging.peak_flops)
         resumed = resume and self._resume()
         if cfg.continual.active and not resumed:  # the run's own checkpoints win over its source
@@ -232,7 +235,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
-        window_tokens, window_time, window_data, window_loss, window_steps = 0, 0.0, 0.0, 0.0, 0
+        window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
         loss, val, exit_code = None, None, 0
         run_start, run_tokens = time.perf_counter(), 0
         try:
@@ -241,6 +244,7 @@ class Trainer:
                 micro_batches = self.loader.next_step()
                 t1 = time.perf_counter()
                 loss, grad_norm, tokens = self.train_step(micro_batches)
+                window_flops += tokens * self.flops_per_token_at(micro_batches[0]["input_ids"].shape[1])
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize()
                 t2 = time.perf_counter()
@@ -266,7 +270,7 @@ class Trainer:
                         "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
                         "data_wait_frac": window_data / max(window_time, 1e-9),
                         "step_time_s": window_time / max(cfg.logging.log_every, 1),
-                        "mfu": (self.flops_per_token * tokens_per_s / ctx.world_size / self.peak_flops)
+                        "mfu": (window_flops / max(window_time, 1e-9) / ctx.world_size / self.peak_flops)
                         if self.peak_flops
                         else None,
                     }
@@ -274,7 +278,7 @@ class Trainer:
                         record.update(self.loader.mixture_metrics())
                     if ctx.device.type == "cuda":
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
-                    window_tokens, window_time, window_data, window_loss, window_steps = 0, 0.0, 0.0, 0.0, 0
+                    window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
                     val = self.run_eval()
                     if val:

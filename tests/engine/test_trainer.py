@@ -87,3 +87,18 @@ def test_cpu_runs_in_fp32(full_run):
     from engine.trainer import autocast_dtype
 
     assert autocast_dtype(cfg, torch.device("cpu")) is None
+
+
+def test_mfu_counts_the_flops_of_each_step(tiny_corpus, tmp_path):
+    """MFU = FLOPs of the window's tokens (at each step's row length) / time / devices / peak."""
+    from models.spec import get_spec
+
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"train.steps": 3, "logging.peak_flops": 1e12})
+    run_training(tree)
+    cfg = load_config(tree)
+    per_token = get_spec("llama").flops_per_token(cfg.model, cfg.data.seq_len)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "mfu" in r]
+    assert len(steps) == 3
+    for r in steps:  # log_every 1: a window is one step
+        assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s_per_device"] / 1e12, rel=1e-9)
