@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -20,8 +19,8 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.decompose import Decomposition, open_decomposition
-from data_pipeline.loader import Batch, _Prefetcher
 from data_pipeline.packing import IGNORE_INDEX, ShardSetReader
+from data_pipeline.prefetch import Batch, PrefetchingLoader
 from data_pipeline.sampler import rank_slice
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ def read_chunks(
     }
 
 
-class DecompositionLoader:
+class DecompositionLoader(PrefetchingLoader):
     """Per optimizer step, this rank's micro-batches of one bucket's chunks: rank r takes its
     rank_slice of the b_i chunks, in micro-batches of micro_batch_tokens / 2^i rows (>= 1).
     The global batches do not depend on world size, prefetch or where a run was resumed."""
@@ -229,8 +228,8 @@ class DecompositionLoader:
                     f"world size {world_size})"
                 )
         self._check_against_shardset()
-        self._step = 0
-        self._prefetcher: _Prefetcher | None = None
+        self._position = 0  # the step
+        self.prefetch = cfg.prefetch
         self.last_plan: StepPlan | None = None
         """The global plan of the last step handed out (for metrics, tests and debugging)."""
 
@@ -272,25 +271,12 @@ class DecompositionLoader:
         ]
         return batches, plan, step + 1
 
-    def next_step(self) -> list[Batch]:
-        """This rank's micro-batches for the next optimizer step (advances the step by one)."""
-        if self.cfg.prefetch == 0:
-            batches, plan, next_step = self._prepare(self._step)
-        else:
-            if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self, self._step, self.cfg.prefetch)  # type: ignore[arg-type]
-            batches, plan, next_step = self._prefetcher.get()
-        self._step = next_step
-        self.last_plan = plan
-        return batches
-
-    def __iter__(self) -> Iterator[list[Batch]]:
-        while True:
-            yield self.next_step()
+    def _handed_out(self, drawn: StepPlan) -> None:
+        self.last_plan = drawn
 
     @property
     def step(self) -> int:
-        return self._step
+        return self._position
 
     def mixture_metrics(self) -> dict[str, float]:
         """Sequence length, curriculum cycle and epoch of the last step handed out."""
@@ -299,7 +285,7 @@ class DecompositionLoader:
         return {
             "seq_len": float(1 << self.last_plan.log2_len),
             "curriculum_cycle": float(self.last_plan.cycle),
-            "epoch": self._step / self.sampler.steps_per_epoch,
+            "epoch": self._position / self.sampler.steps_per_epoch,
         }
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -307,7 +293,7 @@ class DecompositionLoader:
         """Global integers only: the step, plus what must not change under a resumed run."""
         return {
             "version": STATE_VERSION,
-            "step": int(self._step),
+            "step": int(self._position),
             "seed": int(self.cfg.seed),
             "tokens_per_step": int(self.tokens_per_step),
             "cycles": int(self.sampler.cycles),
@@ -339,20 +325,8 @@ class DecompositionLoader:
                     f"{mine[key]!r}; resuming would repeat and skip chunks"
                 )
         self.close()
-        self._step = int(state["step"])
+        self._position = int(state["step"])
         self.last_plan = None
-
-    # -- lifetime ---------------------------------------------------------------------------
-    def close(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.stop()
-            self._prefetcher = None
-
-    def __enter__(self) -> DecompositionLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def build_decomposition_loader(

@@ -1,8 +1,8 @@
 """The training loader: this rank's micro-batches for each optimizer step, prepared ahead.
 
 It owns the sampler state (global integers: step, one token cursor per source), reads the
-windows the sampler picks from the ShardSets, packs them (data_pipeline/packing.py) and keeps
-`data.prefetch` steps ready in a background thread; the mixture weights come from
+windows the sampler picks from the ShardSets and packs them (data_pipeline/packing.py); steps
+are handed out `data.prefetch` ahead by data_pipeline/prefetch.py; the mixture weights come from
 data_pipeline/mixture.py over the sources' token counts. It also provides the deterministic eval
 iterator. It does not open process groups or compute losses.
 """
@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.mixture import FixedMixture, MixtureSchedule, build_mixture
 from data_pipeline.packing import IGNORE_INDEX, ShardSetReader, pack_windows, read_window
+from data_pipeline.prefetch import Batch, PrefetchingLoader
 from data_pipeline.sampler import (
     DocumentStream,
     SampleId,
@@ -33,7 +31,6 @@ from data_pipeline.sampler import (
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-Batch = dict[str, torch.Tensor]
 
 
 def source_names(cfg: DataConfig) -> list[str]:
@@ -45,55 +42,7 @@ def source_names(cfg: DataConfig) -> list[str]:
     return names
 
 
-class _Prefetcher:
-    """Background thread preparing steps from a starting state into a bounded queue."""
-
-    def __init__(self, loader: TrainLoader, state: SamplerState, depth: int) -> None:
-        self._loader = loader
-        self._state = state
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="strata-loader-prefetch", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            state = self._state
-            while not self._stop.is_set():
-                item = self._loader._prepare(state)
-                state = item[2]
-                self._put(item)
-        except BaseException as error:  # handed to the consumer, raised in next_step
-            self._put(error)
-
-    def _put(self, item: object) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> tuple[list[Batch], list[SampleId], SamplerState]:
-        while True:
-            try:
-                item = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                if not self._thread.is_alive():
-                    raise RuntimeError("loader prefetch thread died without a result") from None
-                continue
-            if isinstance(item, BaseException):
-                raise RuntimeError("loader prefetch failed") from item
-            return item
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-
-
-class TrainLoader:
+class TrainLoader(PrefetchingLoader):
     """Per optimizer step, this rank's `global_batch_size / world_size / micro_batch_size`
     micro-batches; the sequence of global batches does not depend on world size or prefetch."""
 
@@ -135,8 +84,8 @@ class TrainLoader:
             mixture=mixture,
             names=names if names is not None else [f"source{k}" for k in range(len(shardsets))],
         )
-        self._state = self.sampler.initial_state()
-        self._prefetcher: _Prefetcher | None = None
+        self._position = self.sampler.initial_state()
+        self.prefetch = cfg.prefetch
         self.last_sample_ids: list[SampleId] = []
         """This rank's samples in the last step handed out (for tests and debugging)."""
 
@@ -160,33 +109,20 @@ class TrainLoader:
         ]
         return batches, mine, next_state
 
-    def next_step(self) -> list[Batch]:
-        """This rank's micro-batches for the next optimizer step (advances the state by one step)."""
-        if self.cfg.prefetch == 0:
-            batches, samples, next_state = self._prepare(self._state)
-        else:
-            if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self, self._state, self.cfg.prefetch)
-            batches, samples, next_state = self._prefetcher.get()
-        self._state = next_state
-        self.last_sample_ids = samples
-        return batches
-
-    def __iter__(self) -> Iterator[list[Batch]]:
-        while True:
-            yield self.next_step()
+    def _handed_out(self, drawn: list[SampleId]) -> None:
+        self.last_sample_ids = drawn
 
     @property
     def step(self) -> int:
         """Optimizer steps handed out so far."""
-        return self._state.step
+        return self._position.step
 
     def epochs(self) -> dict[str, float]:
         """Epochs gone through per source (fractional), for metrics."""
         return {
             name: self.sampler.epoch_of(k, cursor)
             for k, (name, cursor) in enumerate(
-                zip(self.sampler.names, self._state.cursors, strict=True)
+                zip(self.sampler.names, self._position.cursors, strict=True)
             )
         }
 
@@ -196,7 +132,7 @@ class TrainLoader:
         mixture = self.sampler.mixture
         if isinstance(mixture, FixedMixture):
             return {}
-        step = max(self._state.step - 1, 0)
+        step = max(self._position.step - 1, 0)
         weights = self.sampler.weights_at(step)
         metrics = {
             f"mixture_weight/{name}": float(w)
@@ -212,7 +148,7 @@ class TrainLoader:
         """Global integers only: the same on every rank, valid at any world size."""
         sources = {}
         for name, stream, cursor in zip(
-            self.sampler.names, self.sampler.streams, self._state.cursors, strict=True
+            self.sampler.names, self.sampler.streams, self._position.cursors, strict=True
         ):
             sources[name] = {
                 "cursor": int(cursor),
@@ -222,7 +158,7 @@ class TrainLoader:
             }
         return {
             "version": STATE_VERSION,
-            "step": int(self._state.step),
+            "step": int(self._position.step),
             "seed": int(self.cfg.seed),
             "sources": sources,
         }
@@ -262,24 +198,8 @@ class TrainLoader:
         for name in sorted(set(saved) - set(self.sampler.names)):
             log.warning("loader: source %r of the checkpoint is not in this config; dropped", name)
         self._stop_prefetch()
-        self._state = SamplerState(step=int(state["step"]), cursors=cursors)
+        self._position = SamplerState(step=int(state["step"]), cursors=cursors)
         self.last_sample_ids = []
-
-    # -- lifetime ---------------------------------------------------------------------------
-    def _stop_prefetch(self) -> None:
-        if self._prefetcher is not None:
-            self._prefetcher.stop()
-            self._prefetcher = None
-
-    def close(self) -> None:
-        """Stop the background thread; the state stays where the last handed-out step left it."""
-        self._stop_prefetch()
-
-    def __enter__(self) -> TrainLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def build_train_loader(
