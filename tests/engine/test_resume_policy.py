@@ -366,3 +366,28 @@ def test_new_data_cools_its_mixture_over_the_continual_run_not_the_global_steps(
     summary = json.loads((tmp_path / "mix" / SUMMARY_FILE).read_text())
     shares = [s["weight"] for s in summary["data"]["sources"]]
     assert shares == pytest.approx(expected.tolist())  # the cooldown's mean, not the fixed 1:3
+
+
+def test_continual_run_can_switch_to_a_decomposition_curriculum(tiny_corpus, source, tmp_path):
+    """A packed-mixture source continued on a decomposition (data=new) trains its steps with the
+    curriculum's lengths; taking the source's data position (data=continue) is a clear error."""
+    from engine.config import ConfigError
+    from launch.cli import main
+
+    index = tmp_path / "decomposed"
+    args = ["decompose", str(tiny_corpus / "train"), "--out", str(index)]
+    assert main([*args, "--min-log2", "3", "--max-log2", "5"]) == 0
+    overrides = {
+        "data.sources": [],
+        "data.decomposition": {
+            "path": str(index),
+            "tokens_per_step": 256,
+            "micro_batch_tokens": 128,
+        },
+    }
+    trainer = continual_trainer(tiny_corpus, source, tmp_path / "new", {"data": "new"}, **overrides)
+    trainer.fit()
+    records = [json.loads(x) for x in (tmp_path / "new" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "seq_len" in r] == [7, 8, 9, 10]
+    with pytest.raises(ConfigError, match="continual.data: .*decomposition"):
+        continual_trainer(tiny_corpus, source, tmp_path / "cont", {"data": "continue"}, **overrides)
