@@ -37,6 +37,17 @@ class MixtureConfig(BaseModel):
     cooldown_at: float = Field(
         0.5, ge=0, le=1, description="fraction of train.steps where `step` switches / linear and cosine arrive"
     )
+    cooldown_from: float = Field(
+        0.0, ge=0, le=1, description="fraction of train.steps where linear and cosine start moving"
+    )
+
+    @model_validator(mode="after")
+    def _check_cooldown_window(self) -> MixtureConfig:
+        if self.cooldown_from > self.cooldown_at:
+            raise ValueError(
+                f"cooldown_from ({self.cooldown_from}) must not be after cooldown_at ({self.cooldown_at})"
+            )
+        return self
 
 
 class DecompositionConfig(BaseModel):

@@ -45,12 +45,13 @@ class FixedMixture:
 @dataclass(frozen=True)
 class TemperatureCooldown:
     """T(step) over a run of `total_steps`, changing from `start` to `end` (boundary b =
-    `at * total_steps`):
+    `at * total_steps`; linear and cosine move over [a, b], a = `start_at * total_steps`, with
+    progress p = clip((step - a) / (b - a), 0, 1)):
 
     - constant: T = start at every step (`end` and `at` are not used);
     - step:     T = start for step < b, end from b on (Li et al. 2025 default: 5 -> 1 at 0.5);
-    - linear:   T = start + (end - start) * min(step / b, 1);
-    - cosine:   T = end + (start - end) * (1 + cos(pi * min(step / b, 1))) / 2.
+    - linear:   T = start + (end - start) * p;
+    - cosine:   T = end + (start - end) * (1 + cos(pi * p)) / 2.
     With b = 0 the run is at `end` from step 0 (except `constant`).
     """
 
@@ -59,6 +60,7 @@ class TemperatureCooldown:
     shape: str = "step"
     at: float = 0.5
     total_steps: int | None = None
+    start_at: float = 0.0
 
     def __post_init__(self) -> None:
         if self.shape not in COOLDOWN_SHAPES:
@@ -71,6 +73,10 @@ class TemperatureCooldown:
                 raise ValueError(f"temperature_{name}: must be a finite number > 0, got {value}")
         if not 0.0 <= self.at <= 1.0:
             raise ValueError(f"cooldown_at: must be a fraction of the run in [0, 1], got {self.at}")
+        if not 0.0 <= self.start_at <= self.at:
+            raise ValueError(
+                f"cooldown_from: must be in [0, cooldown_at = {self.at}], got {self.start_at}"
+            )
         if self.shape != "constant" and (self.total_steps is None or self.total_steps <= 0):
             raise ValueError(
                 f"cooldown {self.shape!r} needs the run's total steps (train.steps), got {self.total_steps}"
@@ -87,7 +93,13 @@ class TemperatureCooldown:
         boundary = self.boundary
         if self.shape == "step":
             return self.start if step < boundary else self.end
-        progress = 1.0 if boundary <= 0 else min(max(step, 0) / boundary, 1.0)
+        begin = self.start_at * (self.total_steps or 0)
+        if step >= boundary:
+            progress = 1.0
+        elif step <= begin:
+            progress = 0.0
+        else:
+            progress = (step - begin) / (boundary - begin)
         if self.shape == "linear":
             return self.start + (self.end - self.start) * progress
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -176,5 +188,6 @@ def build_mixture(
         shape=cfg.cooldown,
         at=cfg.cooldown_at,
         total_steps=total_steps,
+        start_at=cfg.cooldown_from,
     )
     return TemperatureMixture(token_counts, cooldown, weights)

@@ -313,3 +313,20 @@ def test_schedule_plot_draws_the_mixture_weights(tiny_corpus, tmp_path, capsys):
     ]
     first, last = (float(part.split("= ")[1]) for part in lines[0].split(", "))
     assert first == pytest.approx(0.5, abs=0.03) and last < 0.3
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+def test_cooldown_can_start_late(shape):
+    """cooldown_from: T holds its start value until the window opens, then moves to the end."""
+    cooldown = TemperatureCooldown(5.0, 1.0, shape, at=0.9, total_steps=100, start_at=0.5)
+    assert [cooldown(s) for s in (0, 30, 50)] == [5.0, 5.0, 5.0]
+    assert 1.0 < cooldown(70) < 5.0
+    assert cooldown(70) == pytest.approx(3.0)  # the middle of the window, both shapes
+    assert cooldown(90) == cooldown(99) == 1.0
+
+
+def test_cooldown_window_is_checked_in_the_config():
+    from data_pipeline.config import MixtureConfig
+
+    with pytest.raises(ValueError, match="cooldown_from"):
+        MixtureConfig(kind="temperature", cooldown="linear", cooldown_from=0.8, cooldown_at=0.5)
