@@ -167,7 +167,8 @@ def read_chunks(
     shardset: ShardSetReader, decomposition: Decomposition, chunks: np.ndarray, log2_len: int
 ) -> Batch:
     """One row per chunk: input_ids = its 2^i tokens, labels = the document's next tokens (-100
-    past the document's end), position_ids = 0..2^i-1 (each row is one document piece)."""
+    past the document's end). No position_ids: each row is one piece of one document, so the
+    model takes its plain causal path (positions 0..2^i-1; no document mask to build)."""
     length = 1 << log2_len
     input_ids = np.empty((len(chunks), length), dtype=np.int64)
     labels = np.full((len(chunks), length), IGNORE_INDEX, dtype=np.int64)
@@ -181,12 +182,7 @@ def read_chunks(
             )
         input_ids[row] = window[:length]
         labels[row, : len(window) - 1] = window[1:]
-    position_ids = np.broadcast_to(np.arange(length, dtype=np.int64), input_ids.shape).copy()
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-    }
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels)}
 
 
 class DecompositionLoader(PrefetchingLoader):
