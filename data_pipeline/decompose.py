@@ -16,8 +16,6 @@ dropped) and every row has a power-of-two length.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +24,11 @@ import numpy as np
 
 from data_pipeline.manifest import (
     MANIFEST_NAME,
+    building_dir,
+    check_output_dir,
     json_bytes,
     manifest_sha256,
     read_manifest,
-    replace_dir,
 )
 
 INDEX_NAME = "decomposition.npz"
@@ -161,17 +160,12 @@ def write_decomposition(
     parent = Path(shardset_dir).resolve()
     out = Path(out).resolve()
     check_bucket_range(min_log2, max_log2)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it")
-    if out == parent or parent in out.parents:
-        raise ValueError(f"--out {out} must not be inside the input ShardSet {parent}")
+    check_output_dir(out, parent, overwrite)
     shardset = open_shardset(parent)
     parent_manifest = read_manifest(parent)
     decomposition = decompose_lengths(np.asarray(shardset.lengths), min_log2, max_log2)
     manifest = build_manifest(decomposition, parent, parent_manifest)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with building_dir(out) as tmp:
         with open(tmp / INDEX_NAME, "wb") as fh:
             np.savez(
                 fh,
@@ -182,10 +176,6 @@ def write_decomposition(
             fh.flush()
             os.fsync(fh.fileno())
         (tmp / MANIFEST_NAME).write_bytes(json_bytes(manifest))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

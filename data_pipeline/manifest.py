@@ -10,6 +10,9 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,31 @@ def json_bytes(obj: Any) -> bytes:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, json_bytes(obj))
+
+
+def check_output_dir(out_dir: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an output directory that is, contains or lies inside `source`, or that exists
+    already unless `overwrite`; the input of a derived artifact is never touched."""
+    source, target = Path(source).resolve(), Path(out_dir).resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise ValueError(f"--out {out_dir}: must not be, contain or lie inside the input {source}")
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"--out {out_dir}: already exists (pass --overwrite to replace it)")
+
+
+@contextmanager
+def building_dir(target: Path) -> Iterator[Path]:
+    """A temp sibling of `target` to build a directory in: moved onto `target` (replace_dir) when
+    the block ends, removed when it raises, so readers see the old directory or the new one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(new: Path, target: Path) -> None:

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from data_pipeline.convert import write_documents
 from data_pipeline.formats import ShardSet, open_shardset
 from data_pipeline.formats.writer import STATE_DIR, parse_size
-from data_pipeline.manifest import manifest_sha256, replace_dir
+from data_pipeline.manifest import building_dir, check_output_dir, manifest_sha256
 from data_pipeline.packing import IGNORE_INDEX
 from data_pipeline.prepare import ProgressLine
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -427,14 +426,6 @@ class Scores:
 # --------------------------------------------------------------------------- the command
 
 
-def _check_output(parent: ShardSet, out_dir: Path, overwrite: bool) -> None:
-    parent_root, target = parent.root.resolve(), out_dir.resolve()
-    if target == parent_root or parent_root in target.parents or target in parent_root.parents:
-        raise ValueError(f"--out {out_dir}: must not be, contain or lie inside the input {parent.root}")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"--out {out_dir}: already exists (pass --overwrite to replace it)")
-
-
 def select(
     method_name: str,
     source: str | Path,
@@ -473,7 +464,7 @@ def select(
         raise ValueError("--chunk-docs applies only to --selection streaming")
     parent = open_shardset(source)
     out_dir = Path(out_dir)
-    _check_output(parent, out_dir, overwrite)
+    check_output_dir(out_dir, parent.root, overwrite)
     parent_sha = manifest_sha256(parent.root)
     keep = method.keep_count(len(parent), value)
     if selection == "streaming":
@@ -556,9 +547,7 @@ def select(
             "threshold": float(scores.score[kept].min()) if len(kept) else None,
         },
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with building_dir(out_dir) as tmp:
         manifest = write_documents(
             parent,
             kept,
@@ -584,10 +573,6 @@ def select(
         )
         shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
         scores.save(tmp / SCORES_NAME)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         print(
             f"select {method.name}: kept {len(kept):,} of {len(parent):,} documents "

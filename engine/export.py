@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.manifest import replace_dir
+from data_pipeline.manifest import building_dir
 from models.config import ModelConfig
 from models.spec import get_spec, spec_for_hf_model_type
 
@@ -138,9 +137,7 @@ def save_hf(
     stored_dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     tokenizer = Path(tokenizer_path) if tokenizer_path is not None else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with building_dir(out_dir) as tmp:
         write_safetensors(tensors, tmp, max_shard_bytes)
         ids = _token_ids(tokenizer)
         config = {
@@ -154,10 +151,6 @@ def save_hf(
         )
         if tokenizer is not None:
             _write_tokenizer(tokenizer, tmp)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
