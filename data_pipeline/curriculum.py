@@ -274,7 +274,7 @@ class DecompositionLoader(PrefetchingLoader):
     def step(self) -> int:
         return self._position
 
-    def mixture_metrics(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         """Sequence length, curriculum cycle and epoch of the last step handed out."""
         if self.last_plan is None:
             return {}

@@ -126,7 +126,7 @@ class TrainLoader(PrefetchingLoader):
             )
         }
 
-    def mixture_metrics(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, float]:
         """The weights of the last step handed out, per source (`mixture_weight/NAME`), and its
         temperature; empty for a fixed mixture (its weights are in the config)."""
         mixture = self.sampler.mixture

@@ -274,8 +274,8 @@ class Trainer:
                         if self.peak_flops
                         else None,
                     }
-                    if hasattr(self.loader, "mixture_metrics"):  # per-source weights unless fixed
-                        record.update(self.loader.mixture_metrics())
+                    if hasattr(self.loader, "step_metrics"):  # mixture weights, curriculum length
+                        record.update(self.loader.step_metrics())
                     if ctx.device.type == "cuda":
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                     window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0

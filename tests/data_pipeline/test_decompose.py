@@ -181,7 +181,7 @@ def test_constant_tokens_per_step_and_micro_batches_of_constant_tokens():
         lengths.add(length)
         assert sum(mb["input_ids"].numel() for mb in micro_batches) == 512 // 2  # this rank's half
         assert all(mb["input_ids"].numel() == 64 for mb in micro_batches)  # micro_batch_tokens
-        assert loader.mixture_metrics()["seq_len"] == length
+        assert loader.step_metrics()["seq_len"] == length
     assert len(lengths) > 1
 
 

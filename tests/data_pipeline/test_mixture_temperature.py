@@ -212,7 +212,7 @@ def test_fixed_stays_the_default_and_logs_no_weights(random_shardset):
     loader = build_train_loader(cfg, 0, 1, _sources(random_shardset))
     assert isinstance(loader.sampler.mixture, FixedMixture)
     loader.next_step()
-    assert loader.mixture_metrics() == {}
+    assert loader.step_metrics() == {}
 
 
 # -- config errors ---------------------------------------------------------------------------
