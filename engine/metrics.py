@@ -71,6 +71,11 @@ class MetricsSink:
                 if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                     self.tb.add_scalar(key, value, step)
 
+    def event(self, step: int, kind: str, **fields) -> None:
+        """A non-metric record (`{"step", "event": kind, ...}`), e.g. where a run resumed; JSONL only."""
+        self.file.write(json.dumps({"step": step, "event": kind, **fields}) + "\n")
+        self.file.flush()
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:

@@ -123,6 +123,7 @@ class Trainer:
         )
         self.stop = StopRequest().install()
         self.step, self.tokens_seen = 0, 0
+        self.resumed_from: dict | None = None  # where this process picked the run up (a metrics event)
         spec = get_spec(cfg.model.family)
         self.flops_per_token_at = functools.lru_cache(maxsize=32)(
             lambda row_len: spec.flops_per_token(cfg.model, row_len)
@@ -153,6 +154,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.schedule.load_state_dict(state["schedule"])
         self.loader.load_state_dict(state["loader"])
+        self.resumed_from = {"checkpoint": str(path), "world_size": self.ctx.world_size, "saved_world_size": state.get("world_size")}
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
         return True
@@ -235,6 +237,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
+        if sink and self.resumed_from:
+            sink.event(self.step, "resume", **self.resumed_from)
         window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
         loss, val, exit_code = None, None, 0
         run_start, run_tokens = time.perf_counter(), 0

@@ -78,6 +78,10 @@ def test_resume_continues_at_the_right_step_with_identical_losses(full_run, tiny
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert resumed[step] == full[step], step
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "resume"]  # `strata report` marks it
+    assert [(e["step"], e["world_size"], e["saved_world_size"]) for e in events] == [(4, 1, 1)]
+    assert events[0]["checkpoint"].endswith("step_00000004")
 
 
 def test_cpu_runs_in_fp32(full_run):
