@@ -35,6 +35,14 @@ class OptimConfig(BaseModel):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
     fused: bool | None = Field(None, description="fused AdamW kernel; None = when the device supports it")
+    # engine/step_guard.py: a step with a non-finite loss or grad norm is always skipped
+    skip_spike_sigma: float = Field(
+        0.0, ge=0, description="also skip a step whose loss or grad norm > mean + sigma * std of the last skip_window applied steps; 0 = off (OLMo-core: 6)"
+    )
+    skip_window: int = Field(128, ge=2, description="applied steps the spike rule looks back over")
+    max_skipped_in_a_row: int = Field(
+        8, gt=0, description="end the run (exit 3, no checkpoint of the bad state) after this many skipped steps in a row"
+    )
 
 
 class TrainConfig(BaseModel):

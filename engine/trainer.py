@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from engine.parallel import (
     total_grad_norm,
 )
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
+from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
 
 
@@ -122,6 +124,7 @@ class Trainer:
             self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
         )
         self.stop = StopRequest().install()
+        self.guard = StepGuard.from_config(cfg.optim)
         self.step, self.tokens_seen = 0, 0
         self.resumed_from: dict | None = None  # where this process picked the run up (a metrics event)
         spec = get_spec(cfg.model.family)
@@ -140,6 +143,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "schedule": self.schedule.state_dict(),
             "loader": self.loader.state_dict(),
+            "step_guard": self.guard.state_dict(),
             "world_size": self.ctx.world_size,
         }
 
@@ -154,6 +158,8 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.schedule.load_state_dict(state["schedule"])
         self.loader.load_state_dict(state["loader"])
+        if "step_guard" in state:  # checkpoints before the guard have none: start it fresh
+            self.guard.load_state_dict(state["step_guard"])
         self.resumed_from = {"checkpoint": str(path), "world_size": self.ctx.world_size, "saved_world_size": state.get("world_size")}
         if self.ctx.is_main:
             print(f"resumed from {path} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
@@ -165,7 +171,8 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
-        """Forward/backward over this rank's micro-batches; returns (loss, grad_norm, tokens)."""
+        """Forward/backward over this rank's micro-batches, then the optimizer step unless the
+        step guard skips it; returns (loss, grad_norm, tokens)."""
         device = self.ctx.device
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = all_reduce_sum(local_tokens, self.ctx) / self.dims.tp  # TP ranks share a batch
@@ -194,13 +201,18 @@ class Trainer:
             grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         else:
             grad_norm = total_grad_norm(self.model.parameters())
-        lr = self.schedule(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(grad_norm)
         loss = all_reduce_sum(loss_sum, self.ctx) / self.dims.tp / max(global_tokens, 1)
-        return loss, float(grad_norm), int(global_tokens)
+        verdict = self.guard.check(self.step + 1, loss, grad_norm)  # global values: every rank agrees
+        if verdict.apply:
+            lr = self.schedule(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        elif self.ctx.is_main:
+            print(f"step {self.step + 1} skipped: {verdict.reason}", flush=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, int(global_tokens)
 
     # -- eval --------------------------------------------------------------------------------
     def run_eval(self) -> dict | None:
@@ -247,7 +259,13 @@ class Trainer:
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_step()
                 t1 = time.perf_counter()
-                loss, grad_norm, tokens = self.train_step(micro_batches)
+                try:
+                    loss, grad_norm, tokens = self.train_step(micro_batches)
+                except TrainingDiverged as err:
+                    if ctx.is_main:
+                        print(f"training diverged: {err}", flush=True)
+                    exit_code = DIVERGED_EXIT_CODE
+                    break
                 window_flops += tokens * self.flops_per_token_at(micro_batches[0]["input_ids"].shape[1])
                 if ctx.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -257,8 +275,9 @@ class Trainer:
                 self.tokens_seen += tokens
                 run_tokens += tokens
                 window_tokens += tokens
-                window_loss += loss
-                window_steps += 1
+                if math.isfinite(loss):  # a skipped non-finite step is counted in skipped_steps instead
+                    window_loss += loss
+                    window_steps += 1
                 window_time += t2 - t0
                 window_data += t1 - t0
                 record = None
@@ -266,13 +285,14 @@ class Trainer:
                     tokens_per_s = window_tokens / max(window_time, 1e-9)
                     record = {
                         "step": self.step,
-                        "loss": window_loss / window_steps,  # mean over the steps since the last record
+                        "loss": window_loss / window_steps if window_steps else math.nan,  # mean since the last record
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_seen": self.tokens_seen,
                         "tokens_per_s": tokens_per_s,
                         "tokens_per_s_per_device": tokens_per_s / ctx.world_size,
                         "data_wait_frac": window_data / max(window_time, 1e-9),
+                        "skipped_steps": self.guard.skipped_total,
                         "step_time_s": window_time / max(cfg.logging.log_every, 1),
                         "mfu": (window_flops / max(window_time, 1e-9) / ctx.world_size / self.peak_flops)
                         if self.peak_flops

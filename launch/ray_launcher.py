@@ -7,7 +7,7 @@ process group and keep a second checkpoint registry. Here Ray only places the wo
 placement-group bundle per node), forwards their logs (prefixed `rankN`), and this module owns
 the failure policy: when any worker dies, the whole group is killed and restarted (fresh
 processes, fresh process group) from the run directory's latest checkpoint, up to
-`max_failures` times. Without an address a private Ray instance is started on 127.0.0.1.
+`max_failures` times; a run that diverged (engine.step_guard) is not restarted. Without an address a private Ray instance is started on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.signals import REQUEUE_EXIT_CODE
+from engine.step_guard import DIVERGED_EXIT_CODE
 
 LOOPBACK = "127.0.0.1"
 WORKERS_FILE = "ray_workers.json"  # under RUN_DIR/launcher/: pids of the current attempt
@@ -333,6 +334,8 @@ class RayLauncher:
                         codes[rank] = ray.get(ref)
                     except Exception as err:  # actor died, or run_training raised
                         return "failed", f"rank {rank}: {type(err).__name__}: {_first_line(err)}"
+                    if codes[rank] == DIVERGED_EXIT_CODE:  # a restart would diverge again on the same data
+                        return "done", DIVERGED_EXIT_CODE
                     if codes[rank] not in (0, REQUEUE_EXIT_CODE):
                         return "failed", f"rank {rank} exited with status {codes[rank]}"
             if any(code == REQUEUE_EXIT_CODE for code in codes.values()):
@@ -360,6 +363,8 @@ class RayLauncher:
                     if outcome == "done":
                         if detail == REQUEUE_EXIT_CODE:
                             self.say(f"the ranks checkpointed after a stop request; exit {REQUEUE_EXIT_CODE} (requeue)")
+                        elif detail == DIVERGED_EXIT_CODE:
+                            self.say(f"the run diverged (exit {DIVERGED_EXIT_CODE}); not restarting: see the log for the steps skipped")
                         return int(detail)
                     if stops.received:
                         self.say(f"a worker failed while stopping ({detail}); not restarting")
