@@ -97,6 +97,9 @@ class LoggingConfig(BaseModel):
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU; None = known table")
+    profile_at: int = Field(0, ge=0, description="first step traced by torch.profiler (RUN_DIR/profile/); 0 = off")
+    profile_steps: int = Field(3, gt=0, description="steps in the profiler trace")
+    memory_snapshot: bool = Field(False, description="CUDA: also dump an allocator snapshot (pytorch.org/memory_viz) of the traced steps")
 
 
 class LaunchConfig(BaseModel):

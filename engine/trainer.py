@@ -34,6 +34,7 @@ from engine.parallel import (
     resolve_degrees,
     total_grad_norm,
 )
+from engine.profiling import StepProfiler
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
@@ -249,6 +250,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
+        profiler = StepProfiler.from_config(cfg, self.run_dir, ctx.rank, ctx.device)
         if sink and self.resumed_from:
             sink.event(self.step, "resume", **self.resumed_from)
         window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
@@ -256,6 +258,8 @@ class Trainer:
         run_start, run_tokens = time.perf_counter(), 0
         try:
             while self.step < cfg.train.steps:
+                if profiler:
+                    profiler.before(self.step)
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_step()
                 t1 = time.perf_counter()
@@ -272,6 +276,8 @@ class Trainer:
                 t2 = time.perf_counter()
                 lr = self.schedule(self.step)
                 self.step += 1
+                if profiler:
+                    profiler.after(self.step)
                 self.tokens_seen += tokens
                 run_tokens += tokens
                 window_tokens += tokens
@@ -328,6 +334,8 @@ class Trainer:
                     self.save(blocking=True)
                 self.checkpointer.wait()  # commits a pending async save
         finally:
+            if profiler:
+                profiler.close()
             self.loader.close()
             if sink:
                 sink.close()

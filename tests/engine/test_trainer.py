@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -106,3 +107,16 @@ def test_mfu_counts_the_flops_of_each_step(tiny_corpus, tmp_path):
     assert len(steps) == 3
     for r in steps:  # log_every 1: a window is one step
         assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s_per_device"] / 1e12, rel=1e-9)
+
+
+def test_profiler_window_writes_a_trace_and_an_operator_table(tiny_corpus, tmp_path, capsys):
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"logging.profile_at": 2, "logging.profile_steps": 2})
+    assert run_training(tree).exit_code == 0
+    out = tmp_path / "run" / "profile"
+    assert sorted(p.name for p in out.iterdir()) == ["rank0_step2.ops.txt", "rank0_step2.trace.json.gz"]
+    trace = json.loads(gzip.decompress((out / "rank0_step2.trace.json.gz").read_bytes()))
+    names = {event.get("name", "") for event in trace["traceEvents"]}
+    assert any("addmm" in name or "mm" == name.split("::")[-1] for name in names)  # the model's matmuls
+    table = (out / "rank0_step2.ops.txt").read_text()
+    assert table.startswith("steps 2-3, rank 0, cpu") and "Self CPU" in table
+    assert "profile of steps 2-3 written to" in capsys.readouterr().out
