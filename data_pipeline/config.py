@@ -75,6 +75,11 @@ class DataConfig(BaseModel):
 
     sources: list[SourceConfig] = Field(default_factory=list)
     val_path: str | None = Field(None, description="ShardSet used for evaluation")
+    val_sets: dict[str, str] = Field(
+        default_factory=dict,
+        description="more ShardSets evaluated with val_path, NAME: PATH, logged as val_loss/NAME and val_bpb/NAME "
+        "(e.g. the old domain during continual pretraining: forgetting, step by step)",
+    )
     seq_len: int = Field(256, gt=0, description="tokens per training sequence")
     global_batch_size: int = Field(32, gt=0, description="sequences per optimizer step, all ranks together")
     micro_batch_size: int = Field(8, gt=0, description="sequences per forward/backward on one rank")
@@ -86,6 +91,14 @@ class DataConfig(BaseModel):
     decomposition: DecompositionConfig | None = Field(
         None, description="train on `strata decompose` chunks with a length curriculum instead of sources"
     )
+
+    @field_validator("val_sets")
+    @classmethod
+    def _val_set_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or "/" in name or name != name.strip():
+                raise ValueError(f"val set name {name!r}: non-empty, no '/', no surrounding spaces")
+        return value
 
     @field_validator("decomposition")
     @classmethod

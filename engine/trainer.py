@@ -79,8 +79,14 @@ def build_model(cfg: StrataConfig, ctx: DistContext) -> torch.nn.Module:
     return parallelize_model(model, cfg.parallel, ctx, spec)
 
 
+def val_sets(cfg: StrataConfig) -> list[tuple[str, str]]:
+    """(metric suffix, ShardSet path) of every evaluated set: data.val_path unnamed, then data.val_sets."""
+    main = [("", cfg.data.val_path)] if cfg.data.val_path else []
+    return main + [(f"/{name}", path) for name, path in sorted(cfg.data.val_sets.items())]
+
+
 def find_tokenizer(cfg: StrataConfig) -> Path | None:
-    candidates = [s.path for s in cfg.data.sources] + ([cfg.data.val_path] if cfg.data.val_path else [])
+    candidates = [s.path for s in cfg.data.sources] + [path for _, path in val_sets(cfg)]
     for base in candidates:
         for path in (Path(base) / "tokenizer.json", Path(base).parent / "tokenizer.json"):
             if path.is_file():
@@ -126,6 +132,7 @@ class Trainer:
         )
         self.stop = StopRequest().install()
         self.guard = StepGuard.from_config(cfg.optim)
+        self._token_bytes: dict = {}  # tokenizer path -> bytes per token id (run_eval)
         self.step, self.tokens_seen = 0, 0
         self.resumed_from: dict | None = None  # where this process picked the run up (a metrics event)
         spec = get_spec(cfg.model.family)
@@ -217,15 +224,23 @@ class Trainer:
 
     # -- eval --------------------------------------------------------------------------------
     def run_eval(self) -> dict | None:
+        """val_loss/val_tokens/val_bpb on data.val_path, the same keys + /NAME for data.val_sets."""
+        sets = val_sets(self.cfg)
+        if not sets:
+            return None
+        result = {}
+        for suffix, path in sets:
+            result.update({f"{key}{suffix}": value for key, value in self._evaluate_set(path).items()})
+        return result
+
+    def _evaluate_set(self, path: str) -> dict:
         from data_pipeline.formats import open_shardset
         from data_pipeline.loader import eval_batches
 
-        if not self.cfg.data.val_path:
-            return None
-        shardset = open_shardset(self.cfg.data.val_path)
-        if not hasattr(self, "_token_bytes"):
-            tok = shardset.tokenizer_path or find_tokenizer(self.cfg)
-            self._token_bytes = token_byte_lengths(tok) if tok else None
+        shardset = open_shardset(path)
+        tokenizer = shardset.tokenizer_path or find_tokenizer(self.cfg)
+        if tokenizer not in self._token_bytes:  # bytes per token id, for bits per byte
+            self._token_bytes[tokenizer] = token_byte_lengths(tokenizer) if tokenizer else None
         batches = eval_batches(
             shardset,
             self.cfg.data.seq_len,
@@ -240,7 +255,7 @@ class Trainer:
             batches,
             self.ctx.device,
             self.autocast,
-            self._token_bytes,
+            self._token_bytes[tokenizer],
             reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
             document_masking=not self.cfg.data.cross_document_attention,
         )

@@ -12,6 +12,7 @@ from engine.checkpoint import Checkpointer, latest_checkpoint
 from engine.config import load_config
 from engine.dist import init_distributed
 from engine.entry import run_training
+from engine.report import read_metrics
 from engine.signals import REQUEUE_EXIT_CODE
 from engine.trainer import Trainer
 from launch.cli import main
@@ -19,7 +20,7 @@ from tests.conftest import tiny_config
 
 
 def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir / "metrics.jsonl").records
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -79,8 +80,7 @@ def test_resume_continues_at_the_right_step_with_identical_losses(full_run, tiny
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert resumed[step] == full[step], step
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = [r for r in records if r.get("event") == "resume"]  # `strata report` marks it
+    events = read_metrics(run_dir / "metrics.jsonl").resumes  # `strata report` marks it
     assert [(e["step"], e["world_size"], e["saved_world_size"]) for e in events] == [(4, 1, 1)]
     assert events[0]["checkpoint"].endswith("step_00000004")
 
@@ -102,8 +102,7 @@ def test_mfu_counts_the_flops_of_each_step(tiny_corpus, tmp_path):
     run_training(tree)
     cfg = load_config(tree)
     per_token = get_spec("llama").flops_per_token(cfg.model, cfg.data.seq_len)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in records if "mfu" in r]
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl").records if "mfu" in r]
     assert len(steps) == 3
     for r in steps:  # log_every 1: a window is one step
         assert r["mfu"] == pytest.approx(per_token * r["tokens_per_s_per_device"] / 1e12, rel=1e-9)
@@ -120,3 +119,20 @@ def test_profiler_window_writes_a_trace_and_an_operator_table(tiny_corpus, tmp_p
     table = (out / "rank0_step2.ops.txt").read_text()
     assert table.startswith("steps 2-3, rank 0, cpu") and "Self CPU" in table
     assert "profile of steps 2-3 written to" in capsys.readouterr().out
+
+
+def test_named_val_sets_are_logged_beside_the_main_one(tiny_corpus, tmp_path):
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"data.val_sets": {"again": str(tiny_corpus / "val")},
+                                                         "train.steps": 2, "train.eval_every": 1})
+    result = run_training(tree)
+    assert result.val["val_loss/again"] == result.val["val_loss"]  # the same ShardSet twice
+    assert result.val["val_bpb/again"] == result.val["val_bpb"] and result.val["val_tokens/again"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss/again" in r] == [1, 2]
+
+
+def test_a_val_set_name_with_a_slash_is_a_config_error():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.val_sets"):
+        load_config({"data": {"val_sets": {"a/b": "x"}}})
