@@ -24,11 +24,15 @@ import numpy as np
 
 from data_pipeline.manifest import (
     MANIFEST_NAME,
+    ParentLookup,
     building_dir,
     check_output_dir,
     json_bytes,
-    manifest_sha256,
+    locate_parent,
+    parent_record,
     read_manifest,
+    recorded_parent,
+    require_parent,
 )
 
 INDEX_NAME = "decomposition.npz"
@@ -123,8 +127,10 @@ def summary(decomposition: Decomposition) -> list[dict[str, int]]:
 
 
 def build_manifest(
-    decomposition: Decomposition, parent: Path, parent_manifest: dict[str, Any]
+    decomposition: Decomposition, parent: Path, parent_manifest: dict[str, Any], out: Path
 ) -> dict[str, Any]:
+    """The index's manifest; `parent` is recorded by absolute path and by its path relative to
+    `out`, so the parent and the index can move together."""
     total = int(np.sum(np.left_shift(1, decomposition.log2_len.astype(np.int64))))
     return {
         "kind": KIND,
@@ -132,7 +138,7 @@ def build_manifest(
         "method": "dataset decomposition (Pouransari et al. 2024): binary expansion, largest first",
         "convention": CONVENTION,
         "parameters": {"min_log2": decomposition.min_log2, "max_log2": decomposition.max_log2},
-        "parent": {"path": str(parent), "manifest_sha256": manifest_sha256(parent)},
+        "parent": parent_record(parent, out),
         "tokenizer": parent_manifest.get("tokenizer"),
         "eos_id": parent_manifest.get("eos_id"),
         "documents": int(len(np.unique(decomposition.doc_id))) + decomposition.dropped_documents,
@@ -164,7 +170,7 @@ def write_decomposition(
     shardset = open_shardset(parent)
     parent_manifest = read_manifest(parent)
     decomposition = decompose_lengths(np.asarray(shardset.lengths), min_log2, max_log2)
-    manifest = build_manifest(decomposition, parent, parent_manifest)
+    manifest = build_manifest(decomposition, parent, parent_manifest, out)
     with building_dir(out) as tmp:
         with open(tmp / INDEX_NAME, "wb") as fh:
             np.savez(
@@ -181,22 +187,29 @@ def write_decomposition(
 
 @dataclass(frozen=True)
 class DecompositionIndex:
-    """A decomposition directory, opened: its manifest, chunks and parent ShardSet path."""
+    """A decomposition directory, opened: its manifest, chunks and where its parent was found."""
 
     root: Path
     manifest: dict[str, Any]
     decomposition: Decomposition
+    parent_lookup: ParentLookup
 
     @property
     def parent(self) -> Path:
-        return Path(self.manifest["parent"]["path"])
+        """The parent ShardSet directory: the one whose manifest hash matches (recorded absolute
+        path first, then the path relative to this index), else the recorded absolute path."""
+        return self.parent_lookup.path or Path(self.manifest["parent"]["path"])
 
 
-def open_decomposition(path: str | Path, check_parent: bool = True) -> DecompositionIndex:
-    """Read a decomposition directory; with `check_parent`, refuse it when the parent ShardSet's
-    manifest no longer has the recorded hash (the chunks would point at other documents)."""
+def open_decomposition(
+    path: str | Path, check_parent: bool = True, where: str | None = None
+) -> DecompositionIndex:
+    """Read a decomposition directory; with `check_parent`, refuse it when no parent ShardSet
+    with the recorded manifest hash is found, at the recorded absolute path or relative to the
+    index (the chunks would point at other documents). `where` starts error messages (default
+    `data.decomposition.path ROOT`)."""
     root = Path(path)
-    where = f"data.decomposition.path {root}"
+    where = where or f"data.decomposition.path {root}"
     if not (root / MANIFEST_NAME).is_file() or not (root / INDEX_NAME).is_file():
         raise FileNotFoundError(
             f"{where}: not a decomposition (want {MANIFEST_NAME} and {INDEX_NAME}; "
@@ -225,15 +238,7 @@ def open_decomposition(path: str | Path, check_parent: bool = True) -> Decomposi
             f"{where}: {INDEX_NAME} holds {len(decomposition)} chunks, the manifest says "
             f"{manifest['chunks']}"
         )
-    opened = DecompositionIndex(root, manifest, decomposition)
+    lookup = locate_parent(root, recorded_parent(manifest) or {})
     if check_parent:
-        recorded = manifest["parent"]["manifest_sha256"]
-        if not (opened.parent / MANIFEST_NAME).is_file():
-            raise FileNotFoundError(f"{where}: its parent ShardSet {opened.parent} is gone")
-        if manifest_sha256(opened.parent) != recorded:
-            raise ValueError(
-                f"{where}: the parent ShardSet {opened.parent} changed since decomposition "
-                f"(manifest sha256 {manifest_sha256(opened.parent)[:16]}, recorded "
-                f"{recorded[:16]}); decompose it again"
-            )
-    return opened
+        require_parent(lookup, where, "decomposition", "decompose it again")
+    return DecompositionIndex(root, manifest, decomposition, lookup)

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,99 @@ def read_manifest(root: Path) -> dict[str, Any]:
 def manifest_sha256(root: Path) -> str:
     """Identity of a ShardSet, recorded as `parent` by anything derived from it."""
     return hashlib.sha256((Path(root) / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- finding a parent
+
+
+def parent_record(parent: Path, child: Path) -> dict[str, str]:
+    """What a derived artifact at `child` records to find `parent` again: the absolute path,
+    the path relative to `child` (so the two can move together), and the manifest's sha256."""
+    parent, child = Path(parent).resolve(), Path(child).resolve()
+    return {
+        "path": str(parent),
+        "relative_path": os.path.relpath(parent, child),
+        "manifest_sha256": manifest_sha256(parent),
+    }
+
+
+def recorded_parent(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The parent a manifest names, as {"path", "relative_path", "manifest_sha256"} (missing
+    entries None), or None for a root. Reads both shapes: a decomposition's top-level `parent`
+    record and a ShardSet's `provenance` (parent sha256, parent_path or parent_location)."""
+    parent = manifest.get("parent")
+    if isinstance(parent, dict):
+        return {
+            "path": parent.get("path"),
+            "relative_path": parent.get("relative_path"),
+            "manifest_sha256": parent.get("manifest_sha256"),
+        }
+    provenance = manifest.get("provenance") or {}
+    if not provenance.get("parent"):
+        return None
+    return {
+        "path": provenance.get("parent_path") or provenance.get("parent_location"),
+        "relative_path": provenance.get("parent_relative_path"),
+        "manifest_sha256": provenance["parent"],
+    }
+
+
+@dataclass(frozen=True)
+class ParentLookup:
+    """Where a recorded parent was looked for and what was found.
+
+    status: "ok" (a candidate's manifest has the recorded sha256; `path` is it), "changed"
+    (a candidate exists with another sha256; `path` is the first such, `found_sha256` its
+    hash) or "missing" (no candidate holds a manifest; `path` is None).
+    """
+
+    status: str
+    path: Path | None
+    tried: tuple[Path, ...]
+    recorded_sha256: str
+    found_sha256: str | None = None
+
+
+def locate_parent(child_root: Path | None, record: dict[str, Any]) -> ParentLookup:
+    """Find the parent `record` (from `parent_record`/`recorded_parent`) names: the recorded
+    absolute path if its manifest hash matches, else the path relative to `child_root` if its
+    hash matches (the two directories moved together). Manifests without a relative path (older
+    ones) are looked for at the absolute path only; `child_root` None skips the relative one."""
+    candidates: list[Path] = []
+    if record.get("path"):
+        candidates.append(Path(record["path"]))
+    if record.get("relative_path") and child_root is not None:
+        candidates.append(Path(os.path.normpath(Path(child_root).resolve() / record["relative_path"])))
+    tried = tuple(dict.fromkeys(candidates))
+    recorded = str(record.get("manifest_sha256") or "")
+    changed: tuple[Path, str] | None = None
+    for candidate in tried:
+        if not (candidate / MANIFEST_NAME).is_file():
+            continue
+        found = manifest_sha256(candidate)
+        if found == recorded:
+            return ParentLookup("ok", candidate, tried, recorded)
+        changed = changed or (candidate, found)
+    if changed is not None:
+        return ParentLookup("changed", changed[0], tried, recorded, changed[1])
+    return ParentLookup("missing", None, tried, recorded)
+
+
+def require_parent(lookup: ParentLookup, where: str, since: str, remedy: str = "") -> Path:
+    """The verified parent directory of a `locate_parent` result, or a clear error naming every
+    path tried: FileNotFoundError when none holds a manifest, ValueError when the parent changed
+    since the child was derived (`since`, e.g. "decomposition"); `remedy` ends the message."""
+    tried = " and ".join(str(path) for path in lookup.tried) or "no recorded path"
+    if lookup.status == "missing":
+        raise FileNotFoundError(f"{where}: its parent ShardSet is gone (tried {tried})")
+    if lookup.status == "changed":
+        raise ValueError(
+            f"{where}: the parent ShardSet {lookup.path} changed since {since} (manifest sha256 "
+            f"{str(lookup.found_sha256)[:16]}, recorded {lookup.recorded_sha256[:16]}; tried "
+            f"{tried})" + (f"; {remedy}" if remedy else "")
+        )
+    assert lookup.path is not None
+    return lookup.path
 
 
 def summarize_rejections(manifest: dict[str, Any]) -> str:

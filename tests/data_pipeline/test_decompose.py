@@ -344,3 +344,59 @@ def test_training_resumes_mid_curriculum_and_refuses_rows_longer_than_the_model(
     np.testing.assert_allclose([r["loss"] for r in whole], [r["loss"] for r in cut], rtol=1e-5)
     with pytest.raises(ValueError, match="exceed model.max_seq_len"):
         run_training(tree(tmp_path / "short", 2, **{"model.max_seq_len": 32}))
+
+
+def test_parent_and_index_moved_together_still_train_and_a_changed_parent_is_refused(
+    tiny_corpus, tmp_path
+):
+    from data_pipeline.decompose import write_decomposition
+
+    first = tmp_path / "first"
+    shutil.copytree(tiny_corpus / "train", first / "train")
+    write_decomposition(first / "train", first / "decomposed", 3, 5)
+    manifest = json.loads((first / "decomposed" / "manifest.json").read_text())
+    assert manifest["parent"]["path"] == str((first / "train").resolve())
+    assert manifest["parent"]["relative_path"] == "../train"
+
+    def loader_for(root):
+        settings = {"path": str(root / "decomposed"), "tokens_per_step": 64, "cycles": 1}
+        config = DataConfig(prefetch=0, decomposition={**settings, "micro_batch_tokens": 32})
+        return build_train_loader(config, 0, 1)
+
+    moved = tmp_path / "elsewhere" / "moved"  # e.g. rsync to another prefix: old paths are gone
+    shutil.move(first, moved)
+    assert open_decomposition(moved / "decomposed").parent == (moved / "train").resolve()
+    loader = loader_for(moved)
+    assert sum(mb["input_ids"].numel() for mb in loader.next_step()) == 64
+    loader.close()
+
+    copy = tmp_path / "copy"  # the recorded absolute path exists again, but its parent changed
+    shutil.copytree(moved, copy)
+    shutil.move(moved, first)
+    (first / "train" / "manifest.json").write_text(
+        (first / "train" / "manifest.json").read_text() + " "
+    )
+    assert open_decomposition(copy / "decomposed").parent == (copy / "train").resolve()
+    loader_for(copy).close()
+    with pytest.raises(ValueError, match="changed since decomposition") as refused:
+        loader_for(first)
+    assert str((first / "train").resolve()) in str(refused.value)
+
+    (copy / "train" / "manifest.json").write_text(
+        (copy / "train" / "manifest.json").read_text() + " "
+    )
+    with pytest.raises(ValueError, match="changed since decomposition") as refused:
+        loader_for(copy)
+    assert all(str(p.resolve()) in str(refused.value) for p in (first / "train", copy / "train"))
+    shutil.rmtree(copy / "train")
+    shutil.rmtree(first / "train")
+    with pytest.raises(FileNotFoundError, match="parent ShardSet is gone"):
+        loader_for(copy)
+
+    old = tmp_path / "old"  # a manifest written before relative paths were recorded
+    shutil.copytree(tiny_corpus / "train", old / "train")
+    write_decomposition(old / "train", old / "decomposed", 3, 5)
+    manifest = json.loads((old / "decomposed" / "manifest.json").read_text())
+    del manifest["parent"]["relative_path"]
+    (old / "decomposed" / "manifest.json").write_text(json.dumps(manifest))
+    loader_for(old).close()
