@@ -35,12 +35,11 @@ import yaml  # noqa: E402
 
 from data_pipeline.builtin import split_train_val, stdlib_files, stdlib_root  # noqa: E402
 from data_pipeline.formats import open_shardset  # noqa: E402
-from data_pipeline.loader import eval_batches  # noqa: E402
 from data_pipeline.prepare import PrepareOptions, prepare  # noqa: E402
 from data_pipeline.sources import InputSpec  # noqa: E402
 from data_pipeline.tokenizer import train_byte_level_bpe  # noqa: E402
 from engine.checkpoint import list_checkpoints  # noqa: E402
-from engine.evaluate import evaluate  # noqa: E402
+from engine.evaluate import evaluate_shardset  # noqa: E402
 from engine.export import load_checkpoint_weights  # noqa: E402
 from launch.cli import main as strata  # noqa: E402
 from models.spec import get_spec  # noqa: E402
@@ -176,8 +175,9 @@ def evaluate_run(run_dir: Path, work: Path, args: argparse.Namespace) -> dict[st
         model.load_state_dict(state, strict=True)
         curve["step"].append(int(step_dir.name[5:]))
         for domain, shardset in val.items():
-            batches = eval_batches(shardset, args.seq_len, 32, -(-args.eval_seqs // 32))
-            result = evaluate(model, batches, torch.device("cpu"), None)
+            result = evaluate_shardset(
+                model, shardset, args.seq_len, 32, torch.device("cpu"), max_batches=-(-args.eval_seqs // 32)
+            )
             curve[f"loss_{domain}"].append(result["val_loss"])
     return curve
 

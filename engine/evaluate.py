@@ -64,6 +64,32 @@ def evaluate(
     return result
 
 
+def evaluate_shardset(
+    model: torch.nn.Module,
+    shardset,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    token_bytes: np.ndarray | None = None,
+    max_batches: int = 0,
+    cross_document_attention: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+) -> dict:
+    """`evaluate` over a ShardSet packed in document order (data_pipeline.loader.eval_batches);
+    `max_batches` 0 = all of it. Every rank of `world_size` scores its share; `reduce` sums."""
+    from data_pipeline.loader import eval_batches
+
+    batches = eval_batches(
+        shardset, seq_len, batch_size, max_batches or 10**12, cross_document_attention, rank, world_size
+    )
+    return evaluate(
+        model, batches, device, autocast_dtype, token_bytes, reduce, document_masking=not cross_document_attention
+    )
+
+
 def gzip_bits_per_byte(texts: Iterable[str]) -> float:
     """Reference compressor: `gzip -9` on each document separately, bits per byte of UTF-8 text."""
     import gzip

@@ -24,7 +24,7 @@ from engine.checkpoint import Checkpointer
 from engine.config import StrataConfig, dump_config
 from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.dist import DistContext, all_reduce_sum
-from engine.evaluate import evaluate, token_byte_lengths
+from engine.evaluate import evaluate_shardset, token_byte_lengths
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops, plot_metrics
 from engine.optim import build_optimizer
 from engine.parallel import (
@@ -235,29 +235,24 @@ class Trainer:
 
     def _evaluate_set(self, path: str) -> dict:
         from data_pipeline.formats import open_shardset
-        from data_pipeline.loader import eval_batches
 
         shardset = open_shardset(path)
         tokenizer = shardset.tokenizer_path or find_tokenizer(self.cfg)
         if tokenizer not in self._token_bytes:  # bytes per token id, for bits per byte
             self._token_bytes[tokenizer] = token_byte_lengths(tokenizer) if tokenizer else None
-        batches = eval_batches(
+        return evaluate_shardset(
+            self.model,
             shardset,
             self.cfg.data.seq_len,
             self.cfg.data.micro_batch_size * self.dp_size,
-            self.cfg.train.eval_batches or 10**12,
-            cross_document_attention=self.cfg.data.cross_document_attention,
-            rank=self.dp_rank,
-            world_size=self.dp_size,
-        )
-        return evaluate(
-            self.model,
-            batches,
             self.ctx.device,
             self.autocast,
             self._token_bytes[tokenizer],
+            max_batches=self.cfg.train.eval_batches,
+            cross_document_attention=self.cfg.data.cross_document_attention,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
             reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
-            document_masking=not self.cfg.data.cross_document_attention,
         )
 
     # -- the loop ----------------------------------------------------------------------------

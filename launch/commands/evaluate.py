@@ -1,0 +1,155 @@
+"""`strata eval CKPT... [--data NAME=DIR ...]`: validation loss and bits per byte of checkpoints.
+
+Scores Strata checkpoints (the newest intact one of a run, or with `--all-checkpoints` every
+committed one: a forgetting / learning curve) or Hugging Face directories on ShardSets packed
+in document order (engine.evaluate.evaluate_shardset), one process. By default a run is scored
+on the sets its config evaluated (data.val_path and data.val_sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="validation loss / bits per byte of checkpoints on ShardSets",
+        description="Score checkpoints (run dir, checkpoints dir, step dir, or a Hugging Face directory) on "
+        "ShardSets: mean loss in nats/token, bits per byte, tokens scored.",
+    )
+    parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="run / checkpoints / step dir, or HF dir")
+    parser.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="ShardSet to score on (repeatable); default: the run config's data.val_path and data.val_sets",
+    )
+    parser.add_argument("--all-checkpoints", action="store_true", help="every committed checkpoint of each run, oldest first")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's data.seq_len)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
+    parser.add_argument("--max-batches", type=int, default=0, help="batches per set at most; 0 = the whole set (default)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=run)
+
+
+def _named_sets(specs: list[str]) -> dict[str, str]:
+    sets: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).name, spec)
+        if not name or not path:
+            raise ValueError(f"--data {spec!r}: expected [NAME=]DIR")
+        if name in sets:
+            raise ValueError(f"--data: the name {name!r} is given twice (use NAME=DIR)")
+        sets[name] = path
+    return sets
+
+
+def _run_sets(run_dir: Path) -> tuple[dict[str, str], int | None]:
+    """The sets a run's config evaluates (val_path as 'val'), and its data.seq_len."""
+    from engine.config import load_config
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}, None
+    cfg = load_config(config)
+    sets = ({"val": cfg.data.val_path} if cfg.data.val_path else {}) | dict(cfg.data.val_sets)
+    return sets, cfg.data.seq_len
+
+
+def _targets(source: str, all_checkpoints: bool) -> list[tuple[str, Path, bool]]:
+    """(label, path, is_hf) for each model to score from one CKPT argument."""
+    from engine.checkpoint import list_checkpoints, resolve_checkpoint, verify
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such checkpoint, run or Hugging Face directory")
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return [(path.name, path, True)]
+    if not all_checkpoints:
+        step_dir = resolve_checkpoint(path)
+        return [(str(step_dir), step_dir, False)]
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = [p for p in reversed(list_checkpoints(root)) if verify(p) is None]
+    if not steps:
+        raise FileNotFoundError(f"{source}: no intact checkpoint under {root}")
+    return [(str(p), p, False) for p in steps]
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline.formats import open_shardset
+    from engine.evaluate import evaluate_shardset, token_byte_lengths
+    from engine.export import build_model_from_checkpoint, build_model_from_hf
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("eval error: --device cuda but no CUDA device is available")
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)  # fmt: skip
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    try:
+        given = _named_sets(args.data)
+        targets = [t for source in args.checkpoints for t in _targets(source, args.all_checkpoints)]
+    except (ValueError, FileNotFoundError) as err:
+        print(f"eval error: {err}")
+        return 2
+    rows, token_bytes = [], {}
+    for label, path, is_hf in targets:
+        if is_hf:
+            model, model_cfg = build_model_from_hf(path, device)
+            sets, seq_len, step = given, None, None
+        else:
+            model, model_cfg, run_dir = build_model_from_checkpoint(path, device)
+            run_sets, seq_len = _run_sets(run_dir)
+            sets, step = given or run_sets, int(path.name[5:])
+        if not sets:
+            print(f"eval error: {label}: no ShardSet to score on: pass --data DIR")
+            return 2
+        seq_len = args.seq_len or seq_len or model_cfg.max_seq_len
+        if seq_len > model_cfg.max_seq_len:
+            print(f"eval error: --seq-len {seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
+            return 2
+        results = {}
+        for name, data in sets.items():
+            shardset = open_shardset(data)
+            tokenizer = shardset.tokenizer_path
+            if tokenizer not in token_bytes:
+                token_bytes[tokenizer] = token_byte_lengths(tokenizer) if tokenizer else None
+            results[name] = evaluate_shardset(
+                model, shardset, seq_len, args.batch_size, device, autocast, token_bytes[tokenizer],
+                max_batches=args.max_batches,
+            )  # fmt: skip
+        rows.append({"checkpoint": label, "step": step, "seq_len": seq_len, "results": results})
+        del model
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        _print_table(rows)
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(dict.fromkeys(name for row in rows for name in row["results"]))
+    table = Table(title="validation loss (nats/token) / bits per byte")
+    table.add_column("checkpoint", overflow="fold")
+    table.add_column("step", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        cells = []
+        for name in names:
+            r = row["results"].get(name)
+            bpb = f" / {r['val_bpb']:.4f}" if r and "val_bpb" in r else ""
+            cells.append(f"{r['val_loss']:.4f}{bpb}" if r else "")
+        table.add_row(row["checkpoint"], "" if row["step"] is None else f"{row['step']:,}", *cells)
+    Console().print(table)
