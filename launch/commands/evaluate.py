@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.formats import open_shardset
     from engine.evaluate import evaluate_shardset, token_byte_lengths
     from engine.export import build_model_from_checkpoint, build_model_from_hf
+    from engine.metrics import format_duration
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("eval error: --device cuda but no CUDA device is available")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"eval error: {err}")
         return 2
-    rows, token_bytes = [], {}
+    rows, token_bytes, start = [], {}, time.perf_counter()
     for label, path, is_hf in targets:
         if is_hf:
             model, model_cfg = build_model_from_hf(path, device)
@@ -128,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         rows.append({"checkpoint": label, "step": step, "seq_len": seq_len, "results": results})
         del model
+        if len(targets) > 1:  # progress of a curve, on stderr so --json stays clean
+            losses = ", ".join(f"{name} {r['val_loss']:.4f}" for name, r in results.items())
+            elapsed = time.perf_counter() - start
+            eta = elapsed / len(rows) * (len(targets) - len(rows))
+            print(f"[{len(rows)}/{len(targets)}] {label}: {losses} (ETA {format_duration(eta)})", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -38,8 +38,11 @@ def test_a_run_is_scored_on_its_own_sets_as_its_last_eval(run, capsys):
 
 def test_every_checkpoint_gives_a_curve(run, tiny_corpus, capsys):
     run_dir, _ = run
-    rows = scores(capsys, [str(run_dir), "--all-checkpoints", "--data", f"held={tiny_corpus / 'val'}"])
+    assert main(["eval", str(run_dir), "--all-checkpoints", "--data", f"held={tiny_corpus / 'val'}", "--json"]) == 0
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
     assert [r["step"] for r in rows] == [3, 6]
+    assert "[2/2] " in err  # progress of a curve, on stderr
     assert all(list(r["results"]) == ["held"] for r in rows)
     assert rows[1]["results"]["held"]["val_loss"] < rows[0]["results"]["held"]["val_loss"]  # it learned
 
