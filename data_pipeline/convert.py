@@ -20,6 +20,7 @@ from data_pipeline.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
     manifest_sha256,
+    provenance_parent_paths,
     read_manifest,
     write_json_atomic,
 )
@@ -134,6 +135,7 @@ def convert(
             "tool": "strata convert",
             "parent": parent_sha,
             "parent_location": str(source),
+            **provenance_parent_paths(source, out_dir),
             "parent_provenance": pm.get("provenance"),
         },
         progress=progress,

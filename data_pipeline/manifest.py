@@ -130,6 +130,15 @@ def parent_record(parent: Path, child: Path) -> dict[str, str]:
     }
 
 
+def provenance_parent_paths(source: str | Path, child: Path) -> dict[str, str]:
+    """A ShardSet provenance's `parent_path` / `parent_relative_path` for a local parent, so the
+    chain can be followed after both move together (`locate_parent`); nothing for a remote one."""
+    if not Path(source).is_dir():
+        return {}
+    record = parent_record(Path(source), child)
+    return {"parent_path": record["path"], "parent_relative_path": record["relative_path"]}
+
+
 def recorded_parent(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """The parent a manifest names, as {"path", "relative_path", "manifest_sha256"} (missing
     entries None), or None for a root. Reads both shapes: a decomposition's top-level `parent`

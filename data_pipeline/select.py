@@ -30,7 +30,7 @@ from data_pipeline.manifest import (
     building_dir,
     check_output_dir,
     manifest_sha256,
-    parent_record,
+    provenance_parent_paths,
 )
 from data_pipeline.packing import IGNORE_INDEX
 from data_pipeline.prepare import ProgressLine
@@ -431,15 +431,6 @@ class Scores:
 # --------------------------------------------------------------------------- the command
 
 
-def _parent_paths(source: str | Path, out_dir: Path) -> dict[str, str]:
-    """A local parent's absolute path and its path relative to `out_dir`, so the chain can be
-    followed after both move together (`manifest.locate_parent`); nothing for a remote one."""
-    if not Path(source).is_dir():
-        return {}
-    record = parent_record(Path(source), out_dir)
-    return {"parent_path": record["path"], "parent_relative_path": record["relative_path"]}
-
-
 def select(
     method_name: str,
     source: str | Path,
@@ -579,7 +570,7 @@ def select(
                 "tool": f"strata select {method.name}",
                 "parent": parent_sha,
                 "parent_location": str(source),
-                **_parent_paths(source, out_dir),
+                **provenance_parent_paths(source, out_dir),
                 "parent_provenance": parent.manifest.get("provenance"),
                 "selection": selection,
             },

@@ -28,6 +28,7 @@ def test_round_trip_through_every_format(tmp_path):
                            progress=False)
         assert manifest["format"] == fmt
         assert manifest["provenance"]["parent"] == manifest_sha256(tmp_path / parent)
+        assert manifest["provenance"]["parent_relative_path"] == f"../{parent}"  # findable after a move
         docs = all_documents(open_shardset(tmp_path / child))
         assert len(docs) == len(original)
         assert all(np.array_equal(a, b) for a, b in zip(docs, original, strict=True))
