@@ -25,6 +25,9 @@ class StepProfiler:
         self.rank, self.device = rank, device
         self.first, self.last = profile_at, profile_at + profile_steps - 1  # 1-based logged steps
         self.memory_snapshot = memory_snapshot and device.type == "cuda"
+        if memory_snapshot and not self.memory_snapshot and rank == 0:
+            print(f"logging.memory_snapshot: CUDA only, not taken on {device.type}; the trace still "
+                  "records CPU memory per operator", flush=True)
         self._prof: torch.profiler.profile | None = None
 
     @classmethod

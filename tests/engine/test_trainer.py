@@ -109,7 +109,8 @@ def test_mfu_counts_the_flops_of_each_step(tiny_corpus, tmp_path):
 
 
 def test_profiler_window_writes_a_trace_and_an_operator_table(tiny_corpus, tmp_path, capsys):
-    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"logging.profile_at": 2, "logging.profile_steps": 2})
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"logging.profile_at": 2, "logging.profile_steps": 2,
+                                                         "logging.memory_snapshot": True})
     assert run_training(tree).exit_code == 0
     out = tmp_path / "run" / "profile"
     assert sorted(p.name for p in out.iterdir()) == ["rank0_step2.ops.txt", "rank0_step2.trace.json.gz"]
@@ -118,7 +119,9 @@ def test_profiler_window_writes_a_trace_and_an_operator_table(tiny_corpus, tmp_p
     assert any("addmm" in name or "mm" == name.split("::")[-1] for name in names)  # the model's matmuls
     table = (out / "rank0_step2.ops.txt").read_text()
     assert table.startswith("steps 2-3, rank 0, cpu") and "Self CPU" in table
-    assert "profile of steps 2-3 written to" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "profile of steps 2-3 written to" in out
+    assert "logging.memory_snapshot: CUDA only, not taken on cpu" in out  # said, not silently dropped
 
 
 def test_named_val_sets_are_logged_beside_the_main_one(tiny_corpus, tmp_path):
