@@ -119,9 +119,9 @@ def test_profiler_window_writes_a_trace_and_an_operator_table(tiny_corpus, tmp_p
     assert any("addmm" in name or "mm" == name.split("::")[-1] for name in names)  # the model's matmuls
     table = (out / "rank0_step2.ops.txt").read_text()
     assert table.startswith("steps 2-3, rank 0, cpu") and "Self CPU" in table
-    out = capsys.readouterr().out
-    assert "profile of steps 2-3 written to" in out
-    assert "logging.memory_snapshot: CUDA only, not taken on cpu" in out  # said, not silently dropped
+    printed = capsys.readouterr().out
+    assert "profile of steps 2-3 written to" in printed
+    assert "logging.memory_snapshot: CUDA only, not taken on cpu" in printed  # said, not silently dropped
 
 
 def test_named_val_sets_are_logged_beside_the_main_one(tiny_corpus, tmp_path):
