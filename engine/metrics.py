@@ -106,13 +106,15 @@ class ProgressLine:
 
 
 def plot_metrics(metrics_path: Path, out_png: Path) -> None:
-    """loss.png: training loss (and val loss when present) over steps."""
+    """loss.png: training loss (and val loss when present) over steps (`strata report` draws more)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    from engine.report import read_metrics, save_figure
+
+    records = read_metrics(metrics_path).records  # a resumed run's re-done steps once, torn lines skipped
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -125,7 +127,4 @@ def plot_metrics(metrics_path: Path, out_png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = out_png.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_png)
+    save_figure(fig, out_png)

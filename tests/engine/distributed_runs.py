@@ -8,7 +8,6 @@ several test files compare against are memoized per session (`shared_run`).
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -17,6 +16,7 @@ import time
 import traceback
 from pathlib import Path
 
+from engine.report import read_metrics
 from tests.conftest import tiny_config
 
 STEP_TIMEOUT_S = 300
@@ -141,7 +141,7 @@ def shared_run(key: str, tmp_path_factory, corpus: Path, nproc: int, **overrides
 
 def losses(run_dir: Path) -> dict[int, float]:
     """step -> loss from metrics.jsonl; a step logged twice (a resumed run) keeps the last."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(Path(run_dir) / "metrics.jsonl").records
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 

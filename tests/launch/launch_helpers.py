@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -78,5 +77,6 @@ def strata(*argv: str, env: dict | None = None, timeout: float = 300, cwd: Path 
 
 
 def read_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
+    from engine.report import read_metrics
+
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl").records if "loss" in r]
