@@ -73,6 +73,12 @@ class ParallelConfig(BaseModel):
         "block", description="selective AC granularity: every ac_every-th block, or op-level (save matmul outputs, recompute the rest)"
     )
     compile: bool = Field(False, description="torch.compile each block")
+    accumulate_unsharded_grads: bool = Field(
+        False,
+        description="gradient accumulation under FSDP2: reduce-scatter once, after the last micro-batch "
+        "(full-size gradients held between micro-batches: less communication, more memory); "
+        "HSDP's cross-replica all-reduce always waits for the last micro-batch",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:

@@ -145,6 +145,20 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, device_type: str) -> None:
     fully_shard(model, **kwargs)
 
 
+def set_microbatch_grad_sync(model: nn.Module, last: bool, accumulate_unsharded: bool) -> None:
+    """Before each micro-batch's backward: communicate gradients fully only on the last one.
+    HSDP skips the cross-replica all-reduce before it (free: FSDP2 sums the reduce-scattered
+    shards and all-reduces the sum once); `accumulate_unsharded` also skips the reduce-scatter."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    if accumulate_unsharded:
+        model.set_requires_gradient_sync(last)
+    else:
+        model.set_requires_all_reduce(last)
+
+
 def parallelize_model(
     model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None
 ) -> nn.Module:

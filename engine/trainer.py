@@ -32,6 +32,7 @@ from engine.parallel import (
     loss_context,
     parallelize_model,
     resolve_degrees,
+    set_microbatch_grad_sync,
     total_grad_norm,
 )
 from engine.profiling import StepProfiler
@@ -188,7 +189,8 @@ class Trainer:
         scale = self.dp_size / max(global_tokens, 1)
         z_coef = self.cfg.model.z_loss
         loss_sum = 0.0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
+            set_microbatch_grad_sync(self.model, i == len(micro_batches) - 1, self.cfg.parallel.accumulate_unsharded_grads)
             input_ids = mb["input_ids"].to(device, non_blocking=True)
             labels = mb["labels"].to(device, non_blocking=True)
             position_ids = mb.get("position_ids") if not self.cfg.data.cross_document_attention else None

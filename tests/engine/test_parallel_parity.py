@@ -1,6 +1,7 @@
 """Parity on CPU (gloo): 10 steps of a tiny Llama from the same init and data give the
 single-process losses (1e-4 relative) under FSDP2, TP, FSDP2 x TP (also with sequence and loss
-parallel), and HSDP; a degree product that is not the world size is a clear config error."""
+parallel), and HSDP (also with gradient accumulation, HSDP all-reducing once and FSDP2 holding
+unsharded gradients between micro-batches); a degree product that is not the world size is a clear config error."""
 
 from __future__ import annotations
 
@@ -27,11 +28,15 @@ def single(tiny_corpus, tmp_path_factory):
         ("fsdp2", 2, {}, 20),  # 20 steps: also the reference of the kill and SIGTERM tests
         ("tp2", 2, {"tp": 2}, 10),
         ("hsdp2x1", 2, {"dp_replicate": 2}, 10),
+        # two micro-batches per rank: HSDP all-reduces once per step; FSDP2 holding unsharded
+        # gradients reduce-scatters once per step
+        ("hsdp2x1_accumulate", 2, {"dp_replicate": 2, "micro_batch_size": 2}, 10),
+        ("fsdp2_accumulate_unsharded", 2, {"accumulate_unsharded_grads": True, "micro_batch_size": 2}, 10),
     ],
 )
 def test_two_process_layouts_match_one_process(name, nproc, parallel, steps, single, tiny_corpus, tmp_path_factory):
-    run = shared_run(name, tmp_path_factory, tiny_corpus, nproc, steps=steps,
-                     **{f"parallel.{k}": v for k, v in parallel.items()})
+    overrides = {f"data.{k}" if k == "micro_batch_size" else f"parallel.{k}": v for k, v in parallel.items()}
+    run = shared_run(name, tmp_path_factory, tiny_corpus, nproc, steps=steps, **overrides)
     assert_close(losses(run), losses(single), STEPS)
 
 
