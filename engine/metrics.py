@@ -50,12 +50,23 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) != b"\n"
+
+
 class MetricsSink:
     """Appends records to metrics.jsonl and TensorBoard under the run directory."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        torn = _ends_mid_line(self.path)
         self.file = self.path.open("a")
+        if torn:  # a crash cut the last record: keep the next one on a line of its own
+            self.file.write("\n")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

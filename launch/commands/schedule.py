@@ -8,12 +8,12 @@ With `--mixture` it also plots the `data.mixture` source weights over steps (dat
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from data_pipeline.mixture import MixtureSchedule
 from engine.config import ConfigError, apply_overrides, load_config, read_yaml
 from engine.hparams import resolve_auto_hparams
+from engine.report import save_figure
 from engine.schedules import Schedule, build_schedule
 
 MAX_PLOT_POINTS = 4000
@@ -126,7 +126,7 @@ def plot_mixture(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save_png(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
@@ -145,19 +145,7 @@ def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_png(fig, out)
-
-
-def _save_png(fig, out: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def run(args: argparse.Namespace) -> int:

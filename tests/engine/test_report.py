@@ -191,6 +191,15 @@ def test_a_crashed_run_with_a_torn_last_line_is_reported(plain_run, tmp_path, ca
     assert main(["report", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "in progress / stopped" in out and TORN in out
+    # the next process's first record starts on a line of its own
+    from engine.metrics import MetricsSink
+
+    sink = MetricsSink(run_dir, tensorboard=False)
+    sink.event(6, "resume", checkpoint="x", world_size=1, saved_world_size=1)
+    sink.close()
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "resume"
+    history = read_metrics(run_dir)
+    assert history.bad_lines == {TORN: 1} and [e["step"] for e in history.resumes] == [6]
 
 
 def test_two_runs_side_by_side_write_one_png(plain_run, resumed_run, tmp_path, monkeypatch, capsys):
