@@ -114,28 +114,3 @@ class ProgressLine:
             parts.append(f"val {record['val_loss']:.4f}")
         parts.append(f"ETA {format_duration(eta)}")
         print(" | ".join(parts), file=sys.stdout, flush=True)
-
-
-def plot_metrics(metrics_path: Path, out_png: Path) -> None:
-    """loss.png: training loss (and val loss when present) over steps (`strata report` draws more)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from engine.report import read_metrics, save_figure
-
-    records = read_metrics(metrics_path).records  # a resumed run's re-done steps once, torn lines skipped
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss", lw=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, out_png)

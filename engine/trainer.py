@@ -25,7 +25,7 @@ from engine.config import StrataConfig, dump_config
 from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.dist import DistContext, all_reduce_sum
 from engine.evaluate import evaluate_shardset, token_byte_lengths
-from engine.metrics import MetricsSink, ProgressLine, device_peak_flops, plot_metrics
+from engine.metrics import MetricsSink, ProgressLine, device_peak_flops
 from engine.optim import build_optimizer
 from engine.parallel import (
     clip_grad_norm_,
@@ -36,6 +36,7 @@ from engine.parallel import (
     total_grad_norm,
 )
 from engine.profiling import StepProfiler
+from engine.report import load_run, plot_runs
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
@@ -351,7 +352,7 @@ class Trainer:
             self.loader.close()
             if sink:
                 sink.close()
-                plot_metrics(sink.path, self.run_dir / "loss.png")
+                plot_runs([load_run(self.run_dir)], self.run_dir / "report.png")  # `strata report` draws the same
         elapsed = time.perf_counter() - run_start
         result = TrainResult(exit_code, self.step, self.tokens_seen, loss, val, run_tokens / max(elapsed, 1e-9))
         if ctx.is_main:

@@ -106,7 +106,7 @@ def print_summary(cfg, summary: dict, gzip_bpb: float, elapsed: float) -> None:
     lines += [
         f"throughput       {summary['tokens_per_s']:,.0f} tokens/s",
         f"wall time        {elapsed / 60:.1f} min",
-        f"outputs          {run_dir}/ (config.yaml, metrics.jsonl, tb/, loss.png, checkpoints/)",
+        f"outputs          {run_dir}/ (config.yaml, metrics.jsonl, tb/, report.png, checkpoints/)",
         f"look at it       strata report {run_dir}  (table + {run_dir}/report.png)",
     ]
     print("\n".join(lines), flush=True)

@@ -11,7 +11,7 @@ def add_parser(subparsers) -> None:
         help="train a model from a YAML config on this machine",
         description="Train from a YAML config. Under torchrun or a Strata launcher each process is one rank "
         "(RANK/WORLD_SIZE from the environment). Writes the run directory (train.run_dir): config.yaml, "
-        "metrics.jsonl, tb/, loss.png, checkpoints/.",
+        "metrics.jsonl, tb/, report.png, checkpoints/.",
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional with --resume: the run's saved config is used)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -34,7 +34,7 @@ def full_run(tiny_corpus, tmp_path_factory):
 def test_run_directory_is_complete(full_run):
     run_dir, result = full_run
     assert result.exit_code == 0 and result.step == 6
-    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json"):
+    for name in ("config.yaml", "metrics.jsonl", "report.png", "summary.json"):
         assert (run_dir / name).is_file(), name
     assert any((run_dir / "tb").iterdir())
     assert latest_checkpoint(run_dir / "checkpoints").name == "step_00000006"
