@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.config import DataConfig
 from engine.continual import ContinualConfig
@@ -103,9 +103,21 @@ class LoggingConfig(BaseModel):
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float | None = Field(None, gt=0, description="device peak FLOP/s for MFU; None = known table")
+    wandb_project: str | None = Field(None, description="also log to Weights & Biases under this project (pip install wandb); None = off")
+    wandb_entity: str | None = Field(None, description="W&B team or user; None = the logged-in account's default")
+    wandb_mode: Literal["online", "offline"] = Field("online", description="offline: RUN_DIR/wandb only, for a later `wandb sync`")
     profile_at: int = Field(0, ge=0, description="first step traced by torch.profiler (RUN_DIR/profile/); 0 = off")
     profile_steps: int = Field(3, gt=0, description="steps in the profiler trace")
     memory_snapshot: bool = Field(False, description="CUDA: also dump an allocator snapshot (pytorch.org/memory_viz) of the traced steps")
+
+    @field_validator("wandb_project")
+    @classmethod
+    def _wandb_installed(cls, value: str | None) -> str | None:
+        import importlib.util
+
+        if value is not None and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is not installed: pip install wandb (or strata[wandb])")
+        return value
 
 
 class LaunchConfig(BaseModel):

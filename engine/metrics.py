@@ -1,4 +1,5 @@
-"""Training metrics: MFU, the JSONL + TensorBoard sinks, the live progress line, the loss plot.
+"""Training metrics: MFU, the sinks (metrics.jsonl, TensorBoard, optionally Weights & Biases),
+the live progress line.
 
 Kept out of the trainer loop: the loop hands over numbers, this module formats and writes
 them (rank 0 only).
@@ -58,10 +59,14 @@ def _ends_mid_line(path: Path) -> bool:
         return f.read(1) != b"\n"
 
 
-class MetricsSink:
-    """Appends records to metrics.jsonl and TensorBoard under the run directory."""
+WANDB_ID_FILE = "wandb_run_id"  # a resumed run appends to the same W&B run
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+
+class MetricsSink:
+    """Appends records to metrics.jsonl, TensorBoard and (when `wandb` is given) a W&B run."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: dict | None = None):
+        """`wandb`: {"project", "entity", "mode", "config"} (logging.wandb_*, the resolved config)."""
         self.path = run_dir / "metrics.jsonl"
         torn = _ends_mid_line(self.path)
         self.file = self.path.open("a")
@@ -72,15 +77,17 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+        self.wandb = _start_wandb(run_dir, **wandb) if wandb else None
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
         if self.tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def event(self, step: int, kind: str, **fields) -> None:
         """A non-metric record (`{"step", "event": kind, ...}`), e.g. where a run resumed; JSONL only."""
@@ -91,6 +98,25 @@ class MetricsSink:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(run_dir: Path, project: str, entity: str | None, mode: str, config: dict):
+    """The run's W&B run: named after the run directory, files under RUN_DIR/wandb, its id kept
+    in RUN_DIR/wandb_run_id so every resume of the run logs into the same W&B run."""
+    import uuid
+
+    import wandb
+
+    id_file = run_dir / WANDB_ID_FILE
+    if not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    run_id = id_file.read_text().strip()
+    return wandb.init(
+        project=project, entity=entity, mode=mode, id=run_id, resume="allow", name=run_dir.name,
+        dir=str(run_dir), config=config, settings=wandb.Settings(console="off"),
+    )  # fmt: skip
 
 
 class ProgressLine:

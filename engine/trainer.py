@@ -261,7 +261,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         cfg, ctx = self.cfg, self.ctx
-        sink = MetricsSink(self.run_dir, cfg.logging.tensorboard) if ctx.is_main else None
+        sink = MetricsSink(self.run_dir, cfg.logging.tensorboard, self._wandb_options()) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
         profiler = StepProfiler.from_config(cfg, self.run_dir, ctx.rank, ctx.device)
         if sink and self.resumed_from:
@@ -358,6 +358,13 @@ class Trainer:
         if ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(result.__dict__, indent=1))
         return result
+
+    def _wandb_options(self) -> dict | None:
+        log = self.cfg.logging
+        if not log.wandb_project:
+            return None
+        config = self.cfg.model_dump(mode="json")
+        return {"project": log.wandb_project, "entity": log.wandb_entity, "mode": log.wandb_mode, "config": config}
 
     def _stop_agreed(self) -> bool:
         return all_reduce_sum(1 if self.stop.requested else 0, self.ctx) > 0

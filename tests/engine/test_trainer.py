@@ -139,3 +139,35 @@ def test_a_val_set_name_with_a_slash_is_a_config_error():
 
     with pytest.raises(ConfigError, match="data.val_sets"):
         load_config({"data": {"val_sets": {"a/b": "x"}}})
+
+
+def test_wandb_offline_logs_the_run_and_a_resume_continues_the_same_wandb_run(tiny_corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from engine.metrics import WANDB_ID_FILE, MetricsSink
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    tree = tiny_config(tiny_corpus, run_dir, **{"logging.wandb_project": "strata-tests", "logging.wandb_mode": "offline",
+                                                "train.steps": 2})  # fmt: skip
+    assert run_training(tree).exit_code == 0
+    run_id = (run_dir / WANDB_ID_FILE).read_text()
+    assert [p.name.endswith(f"-{run_id}") for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    sink = MetricsSink(run_dir, tensorboard=False, wandb={"project": "strata-tests", "entity": None,
+                                                          "mode": "offline", "config": {}})  # fmt: skip
+    assert sink.wandb.id == run_id  # the resumed process appends to the same W&B run
+    logged, log = [], sink.wandb.log
+    sink.wandb.log = lambda data, step: (logged.append((step, data)), log(data, step=step))
+    sink.write({"step": 3, "loss": 1.5, "mfu": None, "note": "x", "val_loss/old": float("nan")})
+    assert logged == [(3, {"loss": 1.5})]  # numbers only, finite only, at the run's step
+    sink.close()
+
+
+def test_wandb_without_the_package_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    from engine.config import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match="logging.wandb_project: .*wandb is not installed"):
+        load_config({"logging": {"wandb_project": "p"}})
