@@ -262,10 +262,10 @@ def describe_step(
         parameters["format"] = manifest.get("format")
     if provenance.get("inputs"):
         parameters["inputs"] = _summarize_inputs(provenance["inputs"])
-    selection = provenance.get("selection") or {}
-    for key in ("tau", "alpha", "selection", "chunk_docs", "kept", "dropped"):
-        if selection.get(key) is not None:
-            parameters[key] = selection[key]
+    curation = provenance.get("selection") or provenance.get("dedup") or {}  # select / dedup
+    for key in ("tau", "alpha", "selection", "chunk_docs", "ngram", "threshold", "kept", "dropped"):
+        if curation.get(key) is not None:
+            parameters[key] = curation[key]
     return {"kind": SHARDSET, "method": method, "parameters": parameters}
 
 
