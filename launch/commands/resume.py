@@ -110,9 +110,14 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
     source_tree = read_yaml(source_config)
     source_tree.pop("continual", None)  # the source's own lineage; this run gets its own policy
     tree = read_yaml(args.config) if args.config else copy.deepcopy(source_tree)
+    source_model = dict(source_tree.get("model") or {})
     if "model" not in tree:  # the architecture (and so the tokenizer's vocab) is the source's
-        tree["model"] = dict(source_tree.get("model") or {})
+        tree["model"] = source_model
         notes.append("model: the source run's (the new config has no model section)")
+    elif set(source_model) - set(tree["model"] or {}):  # a partial section changes just those fields
+        given = dict(tree["model"] or {})
+        tree["model"] = {**source_model, **given}
+        notes.append(f"model: the source run's, with this config's {', '.join(sorted(given)) or 'nothing'}")
     tree = apply_overrides(tree, list(args.overrides))
     from_yaml = dict(tree.pop("continual", None) or {})
     stray = sorted(set(from_yaml) - {"optimizer", "schedule", "data", "step"})

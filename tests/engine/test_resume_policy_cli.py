@@ -148,3 +148,21 @@ def test_resume_on_two_processes_reshards_the_source_and_follows_the_same_curve(
     assert sorted(losses[2]) == [7, 8, 9, 10]
     for step in (7, 8, 9, 10):
         assert losses[2][step] == pytest.approx(losses[1][step], rel=1e-4), step
+
+
+def test_context_extension_recipe_merges_the_model_and_trains_longer_rows(tiny_corpus, source, tmp_path, capsys):
+    """configs/continual_long_context.yaml: a partial model section (max_seq_len, rope_theta) over
+    the source's model; every tensor loads and the run trains on rows longer than the source's."""
+    run_dir = tmp_path / "long"
+    overrides = ["model.max_seq_len=128", "model.rope_theta=40000", "data.seq_len=64", "data.global_batch_size=4",
+                 "data.micro_batch_size=4", f"data.sources=[{{path: {tiny_corpus / 'train'}, name: tiny}}]",
+                 f"data.val_path={tiny_corpus / 'val'}", "train.steps=3", "train.eval_every=0",
+                 f"train.run_dir={run_dir}", "checkpoint.every=0"]  # fmt: skip
+    argv = ["resume", str(source.run_dir), "--config", str(RECIPES / "continual_long_context.yaml")]
+    assert main([*argv, *(x for o in overrides for x in ("--set", o))]) == 0
+    assert "note: model: the source run's, with this config's max_seq_len, rope_theta" in capsys.readouterr().out
+    saved, before = load_config(run_dir / "config.yaml").model, load_config(source.run_dir / "config.yaml").model
+    assert (saved.max_seq_len, saved.rope_theta, saved.dim) == (128, 40000.0, before.dim)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    source_val = json.loads((source.run_dir / "summary.json").read_text())["val"]["val_loss"]
+    assert summary["exit_code"] == 0 and summary["val"]["val_loss"] < source_val + 0.1  # trained weights, not a fresh init
