@@ -166,3 +166,8 @@ def test_context_extension_recipe_merges_the_model_and_trains_longer_rows(tiny_c
     summary = json.loads((run_dir / "summary.json").read_text())
     source_val = json.loads((source.run_dir / "summary.json").read_text())["val"]["val_loss"]
     assert summary["exit_code"] == 0 and summary["val"]["val_loss"] < source_val + 0.1  # trained weights, not a fresh init
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--json"]) == 0  # a continual run reports its source and policy
+    (report,) = json.loads(capsys.readouterr().out)["runs"]
+    assert report["continual"]["source"] == str(source.step_dir.resolve())
+    assert (report["continual"]["start_step"], report["continual"]["optimizer"]) == (6, "kept")
