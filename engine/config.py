@@ -57,6 +57,19 @@ class TrainConfig(BaseModel):
     run_dir: str = Field("runs/default", description="output directory of the run")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = all cores")
     deterministic: bool = Field(False, description="torch deterministic algorithms (CPU tests)")
+    eval_tasks: dict[str, str] = Field(
+        default_factory=dict,
+        description="multiple-choice tasks scored at every eval, NAME: JSONL file (engine.downstream), "
+        "logged as task_acc/NAME and task_acc_norm/NAME",
+    )
+
+    @field_validator("eval_tasks")
+    @classmethod
+    def _eval_task_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or "/" in name or name != name.strip():
+                raise ValueError(f"task name {name!r}: non-empty, no '/', no surrounding spaces")
+        return value
 
 
 class ParallelConfig(BaseModel):

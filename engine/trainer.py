@@ -24,6 +24,7 @@ from engine.checkpoint import Checkpointer
 from engine.config import StrataConfig, dump_config
 from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.dist import DistContext, all_reduce_sum
+from engine.downstream import prepare_tasks, task_metrics
 from engine.evaluate import evaluate_shardset, token_byte_lengths
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops
 from engine.optim import build_optimizer
@@ -102,6 +103,7 @@ class Trainer:
         cfg = resolve_continual(cfg)  # a continual run: pin its source, start step and LR (engine.continual)
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.train.run_dir)
+        self.eval_tasks = prepare_tasks(cfg.train.eval_tasks, find_tokenizer(cfg), cfg.model.max_seq_len)  # engine.downstream
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -227,13 +229,18 @@ class Trainer:
 
     # -- eval --------------------------------------------------------------------------------
     def run_eval(self) -> dict | None:
-        """val_loss/val_tokens/val_bpb on data.val_path, the same keys + /NAME for data.val_sets."""
+        """val_loss/val_tokens/val_bpb on data.val_path, the same keys + /NAME for data.val_sets;
+        task_acc/NAME and task_acc_norm/NAME for train.eval_tasks (engine.downstream)."""
         sets = val_sets(self.cfg)
-        if not sets:
+        if not sets and not self.eval_tasks:
             return None
         result = {}
         for suffix, path in sets:
             result.update({f"{key}{suffix}": value for key, value in self._evaluate_set(path).items()})
+        result.update(task_metrics(
+            self.model, self.eval_tasks, self.ctx.device, self.autocast, self.cfg.data.micro_batch_size * self.cfg.data.seq_len,
+            rank=self.dp_rank, world_size=self.dp_size, reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
+        ))  # fmt: skip
         return result
 
     def _evaluate_set(self, path: str) -> dict:
