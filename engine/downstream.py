@@ -131,7 +131,7 @@ def encode_task(items: Sequence[TaskItem], tokenizer, max_seq_len: int, path: st
         task.labels.append(item.label)
     task.skipped = dict(skipped)
     if not task.labels:
-        raise ValueError(f"{path}: no item fits a {max_seq_len}-token context{_skipped_note(task.skipped)}")
+        raise ValueError(f"{path or 'task'}: no item fits a {max_seq_len}-token context{_skipped_note(task.skipped)}")
     return task
 
 
@@ -146,7 +146,8 @@ def load_task(path: str | Path, tokenizer_path: str | Path, max_seq_len: int) ->
 def prepare_tasks(tasks: dict[str, str], tokenizer_path: str | Path | None, max_seq_len: int,
                   field_name: str = "train.eval_tasks") -> dict[str, EncodedTask]:
     """NAME -> encoded task for NAME: PATH; a missing file, no tokenizer or an empty task is a
-    ConfigError naming `field_name`.NAME and the path."""
+    ConfigError naming the field (`field_name`.NAME, or `--flag NAME` for a command-line flag)
+    and the path."""
     if tasks and tokenizer_path is None:
         raise ConfigError(f"{field_name}: no tokenizer.json found (next to the data sources or the run)")
     prepared = {}
@@ -154,7 +155,8 @@ def prepare_tasks(tasks: dict[str, str], tokenizer_path: str | Path | None, max_
         try:
             prepared[name] = load_task(path, tokenizer_path, max_seq_len)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"{field_name}.{name}: {err}") from None
+            where = f"{field_name} {name}" if field_name.startswith("--") else f"{field_name}.{name}"
+            raise ConfigError(f"{where}: {err}") from None
     return prepared
 
 

@@ -1,9 +1,11 @@
-"""`strata eval CKPT... [--data NAME=DIR ...]`: validation loss and bits per byte of checkpoints.
+"""`strata eval CKPT... [--data NAME=DIR ...] [--task NAME=FILE.jsonl ...]`: validation loss and bits
+per byte of checkpoints, and accuracy on multiple-choice tasks.
 
 Scores Strata checkpoints (the newest intact one of a run, or with `--all-checkpoints` every
 committed one: a forgetting / learning curve) or Hugging Face directories on ShardSets packed
-in document order (engine.evaluate.evaluate_shardset), one process. By default a run is scored
-on the sets its config evaluated (data.val_path and data.val_sets).
+in document order (engine.evaluate.evaluate_shardset) and on task files (engine.downstream),
+one process. By default a run is scored on what its config evaluated (data.val_path,
+data.val_sets, train.eval_tasks).
 """
 
 from __future__ import annotations
@@ -32,6 +34,14 @@ def add_parser(subparsers) -> None:
         metavar="[NAME=]DIR",
         help="ShardSet to score on (repeatable); default: the run config's data.val_path and data.val_sets",
     )
+    parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE.jsonl",
+        help='multiple-choice task to score, acc / acc_norm (repeatable); lines {"context": str, "choices": [str, ...], '
+        '"label": int}, each choice written with its leading space; default: the run config\'s train.eval_tasks',
+    )
     parser.add_argument("--all-checkpoints", action="store_true", help="every committed checkpoint of each run, oldest first")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's data.seq_len)")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
@@ -41,29 +51,30 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _named_sets(specs: list[str]) -> dict[str, str]:
+def _named_sets(specs: list[str], flag: str = "--data", what: str = "DIR") -> dict[str, str]:
+    """NAME -> path of `[NAME=]PATH` arguments (NAME defaults to the file or directory name)."""
     sets: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
-        name, path = (name, path) if sep else (Path(spec).name, spec)
+        name, path = (name, path) if sep else (Path(spec).stem if flag == "--task" else Path(spec).name, spec)
         if not name or not path:
-            raise ValueError(f"--data {spec!r}: expected [NAME=]DIR")
+            raise ValueError(f"{flag} {spec!r}: expected [NAME=]{what}")
         if name in sets:
-            raise ValueError(f"--data: the name {name!r} is given twice (use NAME=DIR)")
+            raise ValueError(f"{flag}: the name {name!r} is given twice (use NAME={what})")
         sets[name] = path
     return sets
 
 
-def _run_sets(run_dir: Path) -> tuple[dict[str, str], int | None]:
-    """The sets a run's config evaluates (val_path as 'val'), and its data.seq_len."""
+def _run_sets(run_dir: Path) -> tuple[dict[str, str], int | None, dict[str, str]]:
+    """The sets a run's config evaluates (val_path as 'val'), its data.seq_len and train.eval_tasks."""
     from engine.config import load_config
 
     config = run_dir / "config.yaml"
     if not config.is_file():
-        return {}, None
+        return {}, None, {}
     cfg = load_config(config)
     sets = ({"val": cfg.data.val_path} if cfg.data.val_path else {}) | dict(cfg.data.val_sets)
-    return sets, cfg.data.seq_len
+    return sets, cfg.data.seq_len, dict(cfg.train.eval_tasks)
 
 
 def _targets(source: str, all_checkpoints: bool) -> list[tuple[str, Path, bool]]:
@@ -87,8 +98,10 @@ def _targets(source: str, all_checkpoints: bool) -> list[tuple[str, Path, bool]]
 
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.formats import open_shardset
+    from engine.config import ConfigError
+    from engine.downstream import prepare_tasks, score_task
     from engine.evaluate import evaluate_shardset, token_byte_lengths
-    from engine.export import build_model_from_checkpoint, build_model_from_hf
+    from engine.export import build_model_from_checkpoint, build_model_from_hf, find_run_tokenizer
     from engine.metrics import format_duration
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -99,22 +112,34 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.bfloat16 if device.type == "cuda" else None
     try:
         given = _named_sets(args.data)
+        given_tasks = _named_sets(args.task, "--task", "FILE.jsonl")
         targets = [t for source in args.checkpoints for t in _targets(source, args.all_checkpoints)]
     except (ValueError, FileNotFoundError) as err:
         print(f"eval error: {err}")
         return 2
-    rows, token_bytes, start = [], {}, time.perf_counter()
+    rows, token_bytes, encoded_tasks, start = [], {}, {}, time.perf_counter()
     for label, path, is_hf in targets:
         if is_hf:
             model, model_cfg = build_model_from_hf(path, device)
-            sets, seq_len, step = given, None, None
+            sets, seq_len, step, tasks = given, None, None, given_tasks
         else:
             model, model_cfg, run_dir = build_model_from_checkpoint(path, device)
-            run_sets, seq_len = _run_sets(run_dir)
+            run_sets, seq_len, run_tasks = _run_sets(run_dir)
             sets, step = given or run_sets, int(path.name[5:])
-        if not sets:
-            print(f"eval error: {label}: no ShardSet to score on: pass --data DIR")
+            tasks = given_tasks or run_tasks
+        if not sets and not tasks:
+            print(f"eval error: {label}: nothing to score: pass --data DIR or --task NAME=FILE.jsonl")
             return 2
+        key = (tuple(tasks.items()), str(path if is_hf else run_dir), model_cfg.max_seq_len)
+        if tasks and key not in encoded_tasks:  # tokenized once per run (tokenizer) and context window
+            try:
+                task_tokenizer = (path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None) if is_hf \
+                    else find_run_tokenizer(run_dir)  # fmt: skip
+                field = "--task" if given_tasks else "train.eval_tasks"
+                encoded_tasks[key] = prepare_tasks(tasks, task_tokenizer, model_cfg.max_seq_len, field)
+            except ConfigError as err:
+                print(f"eval error: {label}: {err}")
+                return 2
         seq_len = args.seq_len or seq_len or model_cfg.max_seq_len
         if seq_len > model_cfg.max_seq_len:
             print(f"eval error: --seq-len {seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
@@ -129,10 +154,15 @@ def run(args: argparse.Namespace) -> int:
                 model, shardset, seq_len, args.batch_size, device, autocast, token_bytes[tokenizer],
                 max_batches=args.max_batches,
             )  # fmt: skip
-        rows.append({"checkpoint": label, "step": step, "seq_len": seq_len, "results": results})
+        task_results = {
+            name: score_task(model, task, device, autocast, args.batch_size * seq_len)
+            for name, task in encoded_tasks.get(key, {}).items()
+        }
+        rows.append({"checkpoint": label, "step": step, "seq_len": seq_len, "results": results, "tasks": task_results})
         del model
         if len(targets) > 1:  # progress of a curve, on stderr so --json stays clean
-            losses = ", ".join(f"{name} {r['val_loss']:.4f}" for name, r in results.items())
+            losses = ", ".join([f"{name} {r['val_loss']:.4f}" for name, r in results.items()]
+                               + [f"{name} acc {r['acc']:.4f}" for name, r in task_results.items()])
             elapsed = time.perf_counter() - start
             eta = elapsed / len(rows) * (len(targets) - len(rows))
             print(f"[{len(rows)}/{len(targets)}] {label}: {losses} (ETA {format_duration(eta)})", file=sys.stderr, flush=True)
@@ -148,10 +178,12 @@ def _print_table(rows: list[dict]) -> None:
     from rich.table import Table
 
     names = list(dict.fromkeys(name for row in rows for name in row["results"]))
-    table = Table(title="validation loss (nats/token) / bits per byte")
+    task_names = list(dict.fromkeys(name for row in rows for name in row["tasks"]))
+    titles = (["validation loss (nats/token) / bits per byte"] if names else []) + (["task acc / acc_norm"] if task_names else [])
+    table = Table(title="; ".join(titles))
     table.add_column("checkpoint", overflow="fold")
     table.add_column("step", justify="right")
-    for name in names:
+    for name in names + task_names:
         table.add_column(name, justify="right")
     for row in rows:
         cells = []
@@ -159,5 +191,8 @@ def _print_table(rows: list[dict]) -> None:
             r = row["results"].get(name)
             bpb = f" / {r['val_bpb']:.4f}" if r and "val_bpb" in r else ""
             cells.append(f"{r['val_loss']:.4f}{bpb}" if r else "")
+        for name in task_names:
+            r = row["tasks"].get(name)
+            cells.append(f"{r['acc']:.4f} / {r['acc_norm']:.4f}" if r else "")
         table.add_row(row["checkpoint"], "" if row["step"] is None else f"{row['step']:,}", *cells)
     Console().print(table)

@@ -68,3 +68,18 @@ def test_the_table_and_the_errors(run, tmp_path, capsys):
     assert "given twice" in capsys.readouterr().out
     assert main(["eval", str(run_dir), "--seq-len", "4096"]) == 2
     assert "exceeds the model's max_seq_len" in capsys.readouterr().out
+
+
+def test_tasks_are_scored_beside_the_val_sets(run, tmp_path, capsys):
+    run_dir, _ = run
+    task = tmp_path / "mc.jsonl"  # engine.downstream's task format
+    task.write_text(
+        json.dumps({"context": "import", "choices": [" os", " sys", " re"], "label": 0}) + "\n"
+        + json.dumps({"query": "def f(self", "choices": ["):", ", x):"], "gold": 1}) + "\n"
+    )  # fmt: skip
+    (row,) = scores(capsys, [str(run_dir), "--task", f"mc={task}", "--max-batches", "1"])
+    assert sorted(row["results"]) == ["again", "val"]  # --task alone keeps the run's val sets
+    assert row["tasks"]["mc"]["items"] == 2 and row["tasks"]["mc"]["skipped"] == {}
+    assert main(["eval", str(run_dir), "--task", str(task), "--max-batches", "1"]) == 0  # NAME: the file's stem
+    r = row["tasks"]["mc"]
+    assert f"{r['acc']:.4f} / {r['acc_norm']:.4f}" in capsys.readouterr().out

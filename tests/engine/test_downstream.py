@@ -1,0 +1,289 @@
+"""Multiple-choice evaluation (engine.downstream): batched scores equal rows scored alone, acc and
+acc_norm as computed by hand, a trained continuation wins, bad lines are counted, two FSDP2
+ranks score as one process, the trainer's record and `strata eval --task`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from distributed_runs import run_ranks, run_tree
+from tokenizers import Tokenizer
+
+from engine.config import ConfigError, load_config
+from engine.downstream import (
+    EncodedTask,
+    choice_logprobs,
+    encode_task,
+    forward_shapes,
+    load_task,
+    read_task,
+    score_task,
+)
+from engine.report import read_metrics
+from launch.cli import main
+from models.config import ModelConfig
+from models.spec import get_spec
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(family: str = "llama", vocab_size: int = 64, max_seq_len: int = 32, seed: int = 0) -> torch.nn.Module:
+    cfg = ModelConfig(family=family, vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len)
+    with torch.device("meta"):
+        model = get_spec(family).build(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model.eval()
+
+
+def alone(model: torch.nn.Module, ids: list[int], n_continuation: int) -> float:
+    """The continuation's summed log-prob, the row in a forward of its own."""
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids]))[0].double().log_softmax(-1)
+    return sum(float(log_probs[t - 1, ids[t]]) for t in range(len(ids) - n_continuation, len(ids)))
+
+
+def write_task(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+def random_task(n_items: int, seed: int, vocab_size: int = 64) -> EncodedTask:
+    """Items of 2-4 choices, rows of varied lengths (ids straight, no tokenizer)."""
+    rng = np.random.default_rng(seed)
+    task = EncodedTask("random", [], [], [])
+    for _ in range(n_items):
+        context = rng.integers(1, vocab_size, rng.integers(1, 12)).tolist()
+        choices = [rng.integers(1, vocab_size, rng.integers(1, 8)).tolist() for _ in range(rng.integers(2, 5))]
+        task.rows.append([(context + c, len(c)) for c in choices])
+        task.choice_bytes.append([int(rng.integers(1, 30)) for _ in choices])
+        task.labels.append(int(rng.integers(0, len(choices))))
+    return task
+
+
+@pytest.mark.parametrize("family", ["llama", "gla"])
+def test_batched_scores_equal_each_row_alone(family):
+    model = tiny_model(family)
+    task = random_task(9, seed=1)
+    rows = [row for item in task.rows for row in item]
+    batched = choice_logprobs(model, rows, CPU, tokens_per_forward=5 * 19)  # several rows per forward, padded
+    assert len(forward_shapes([sorted((len(ids) for ids, _ in rows), reverse=True)], 5 * 19)) < len(rows) / 2
+    np.testing.assert_allclose(batched, [alone(model, ids, n) for ids, n in rows], rtol=0, atol=1e-5)
+    one_by_one = choice_logprobs(model, rows, CPU, tokens_per_forward=1)  # one row per forward
+    np.testing.assert_allclose(batched, one_by_one, rtol=0, atol=1e-5)
+
+
+class BigramTable(torch.nn.Module):
+    """A stub LM: the next-token distribution depends only on the current token (a fixed table);
+    records the shape of every forward."""
+
+    def __init__(self, probs: dict[int, dict[int, float]], vocab_size: int = 8):
+        super().__init__()
+        table = torch.full((vocab_size, vocab_size), 1e-6)
+        for current, following in probs.items():
+            for token, p in following.items():
+                table[current, token] = p
+        self.register_buffer("log_probs", (table / table.sum(-1, keepdim=True)).log())
+        self.shapes: list[tuple[int, int]] = []
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        self.shapes.append(tuple(input_ids.shape))
+        return self.log_probs[input_ids]
+
+
+def test_acc_and_acc_norm_by_hand():
+    model = BigramTable({1: {2: 0.5, 3: 0.25, 4: 0.05, 5: 0.2}, 3: {4: 0.9, 5: 0.1}, 5: {1: 1.0}})
+    # item 0 and 1: choice A = token 2 (log .5 summed; 1 byte), choice B = tokens 3 4 (log .25 + log .9; 10 bytes):
+    # A has the higher sum, B the higher sum per byte. Item 2: token 2 vs token 4 after "5 1", 1 byte each.
+    rows = [([1, 2], 1), ([1, 3, 4], 2)]
+    task = EncodedTask("hand", [rows, rows, [([5, 1, 2], 1), ([5, 1, 4], 1)]], [[1, 10], [1, 10], [1, 1]], [1, 0, 0])
+    log_probs = choice_logprobs(model, [row for item in task.rows for row in item], CPU)
+    by_hand = [math.log(0.5), math.log(0.25) + math.log(0.9)] * 2 + [math.log(0.5), math.log(0.05)]
+    np.testing.assert_allclose(log_probs, by_hand, rtol=1e-5)
+    # acc: A wins items 0 and 1, token 2 wins item 2; acc_norm: B wins items 0 and 1, token 2 item 2
+    for labels, acc, acc_norm in (([1, 0, 0], 2 / 3, 2 / 3), ([0, 0, 0], 1.0, 1 / 3), ([1, 1, 0], 1 / 3, 1.0)):
+        task.labels = labels
+        assert score_task(model, task, CPU) == {"acc": acc, "acc_norm": acc_norm, "items": 3, "skipped": {}}
+
+
+def random_bigram(seed: int = 0, vocab_size: int = 64) -> BigramTable:
+    model = BigramTable({}, vocab_size)
+    model.log_probs.copy_(torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(seed)).log_softmax(-1))
+    return model
+
+
+def test_ranks_run_the_same_forwards_and_their_counts_add_up():
+    task = random_task(7, seed=2)  # 7 items on 3 ranks: shares of 2, 2, 3 (different row counts)
+    one = score_task(random_bigram(), task, CPU, tokens_per_forward=40)
+    correct, correct_norm, items, shapes = 0.0, 0.0, 0, []
+    for rank in range(3):
+        model = random_bigram()
+        share = score_task(model, task, CPU, tokens_per_forward=40, rank=rank, world_size=3)
+        correct, correct_norm = correct + share["acc"] * share["items"], correct_norm + share["acc_norm"] * share["items"]
+        items += share["items"]
+        shapes.append(model.shapes)
+    assert shapes[0] == shapes[1] == shapes[2] and len(shapes[0]) > 1  # lockstep: FSDP2 collectives never wait
+    assert all(rows * tokens <= 40 or rows == 1 for rows, tokens in shapes[0])  # the token budget holds
+    assert items == one["items"] == 7
+    assert correct / 7 == pytest.approx(one["acc"]) and correct_norm / 7 == pytest.approx(one["acc_norm"])
+    assert 0 < one["acc"] < 1  # a random table: a mixed result, not a degenerate one
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_corpus) -> Tokenizer:
+    return Tokenizer.from_file(str(tiny_corpus / "tokenizer.json"))
+
+
+def test_bad_lines_are_counted_by_reason(tmp_path, tokenizer, tiny_corpus):
+    good = {"context": "x = 1", "choices": [" + 1", " - 1"], "label": 1}
+    lines = [
+        json.dumps(good),
+        json.dumps({"query": "y =", "choices": [" 2", " 3", " 4"], "gold": "2"}),  # aliases, HellaSwag's "2"
+        "{not json",
+        "[1, 2]",
+        json.dumps({"context": "x", "choices": [" a", " b"]}),
+        json.dumps({"context": "x", "choices": [" a"], "label": 0}),
+        json.dumps({"context": "x", "choices": [" a", " b"], "label": 2}),
+        json.dumps({"context": "x", "choices": [" a", ""], "label": 0}),
+        json.dumps({"context": "x", "choices": [" a", " b"], "label": 1.5}),
+        "",
+        json.dumps({"context": "x", "choices": [" a" * 40, " b"], "label": 0}),  # a choice longer than the window
+    ]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    items, skipped = read_task(path)
+    assert [(i.context, i.label, len(i.choices)) for i in items] == [("x = 1", 1, 2), ("y =", 2, 3), ("x", 0, 2)]
+    assert skipped == {
+        "invalid JSON": 1,
+        "not a JSON object": 1,
+        "missing field": 1,
+        "fewer than 2 choices": 1,
+        "label out of range": 1,
+        "choices not a list of non-empty strings": 1,
+        "label not an integer": 1,
+    }
+    task = load_task(path, tiny_corpus / "tokenizer.json", max_seq_len=16)
+    assert len(task) == 2 and task.skipped == {**skipped, "choice too long for max_seq_len": 1}
+    assert task.choice_bytes[1] == [2, 2, 2]
+    write_task(bad := tmp_path / "bad.jsonl", [{"context": "x"}])
+    with pytest.raises(ValueError, match=f"{bad}: no usable item.*missing field 1"):
+        read_task(bad)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl: no such task file"):
+        read_task(tmp_path / "nope.jsonl")
+
+
+def test_context_and_choice_are_tokenized_apart_and_truncated_from_the_left(tokenizer):
+    context = "import os\n" * 20
+    (item,) = read_task_items([{"context": context, "choices": [" print", " os.path"], "label": 0}])
+    task = encode_task([item], tokenizer, max_seq_len=12)
+    for (ids, n), choice in zip(task.rows[0], item.choices, strict=True):
+        choice_ids = tokenizer.encode(choice, add_special_tokens=False).ids
+        context_ids = tokenizer.encode(context, add_special_tokens=False).ids
+        assert n == len(choice_ids) and ids[-n:] == choice_ids  # the whole choice, as written
+        assert len(ids) == 12 and ids[:-n] == context_ids[-(12 - n) :]  # the context's end
+
+
+def read_task_items(records: list[dict]) -> list:
+    from engine.downstream import _parse_item
+
+    return [_parse_item(json.dumps(r)) for r in records]
+
+
+LEARNED_ITEMS = [  # the right choice continues "the quick brown fox jumps over the lazy dog. "
+    {"context": "the quick brown", "choices": [" dog jumps", " fox jumps", " lazy over"], "label": 1},
+    {"context": "over the", "choices": [" lazy dog.", " brown fox", " quick the"], "label": 0},
+    {"context": "the lazy dog. the", "choices": [" lazy", " fox", " quick brown"], "label": 2},
+    {"context": "fox", "choices": [" over the", " the quick", " jumps over"], "label": 2},
+]
+
+
+def test_the_continuation_the_model_learned_is_the_answer(tokenizer, tmp_path, tiny_corpus):
+    text = "the quick brown fox jumps over the lazy dog. "
+    stream = torch.tensor(tokenizer.encode(text * 40, add_special_tokens=False).ids)
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), max_seq_len=64)
+    task = load_task(write_task(tmp_path / "learned.jsonl", LEARNED_ITEMS), tiny_corpus / "tokenizer.json", 64)
+    assert score_task(model, task, CPU)["acc"] < 0.5  # untrained
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(40):  # memorize the sentence: every window of it, next token
+        starts = torch.arange(8) * 3 + step % 3
+        windows = torch.stack([stream[s : s + 33] for s in starts.tolist()])
+        logits = model(windows[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert score_task(model, task, CPU) == {"acc": 1.0, "acc_norm": 1.0, "items": 4, "skipped": {}}
+    assert model.training  # the mode is given back
+
+
+def test_config_errors_name_the_field(tiny_corpus, tmp_path, capsys):
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"train.eval_tasks": {"a/b": "x.jsonl"}})
+    with pytest.raises(ConfigError, match=r"train\.eval_tasks: task name 'a/b'"):
+        load_config(tree)
+    missing = tmp_path / "missing.jsonl"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_corpus, tmp_path / "run", **{"train.eval_tasks": {"mc": str(missing)}})))
+    assert main(["train", str(config)]) == 2
+    assert f"config error: train.eval_tasks.mc: {missing}: no such task file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+TASK_ITEMS = [  # 7 items: shares of 3 and 4 on two ranks; varied lengths
+    {"context": "import os\nimport", "choices": [" sys", " os.path", " re"], "label": 0},
+    {"context": "def f(self", "choices": ["):", ", x):", "): return None"], "label": 0},
+    {"context": "for i in", "choices": [" range(10):", " x", " self.items():\n    pass"], "label": 0},
+    {"context": "return", "choices": [" None", " self", " True"], "label": 1},
+    {"context": "class A", "choices": [":", "(object):", "(Exception):\n    pass"], "label": 1},
+    {"context": "if x is", "choices": [" None:", " not None:"], "label": 0},
+    {"context": "    raise", "choices": [" ValueError(", " TypeError(", " KeyError"], "label": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tiny_corpus, tmp_path_factory):
+    """2 FSDP2 ranks (gloo), no val set: train.eval_tasks only, evaluated after steps 1 and 2."""
+    root = tmp_path_factory.mktemp("downstream")
+    task = write_task(root / "mc.jsonl", TASK_ITEMS)
+    run_dir = root / "run"
+    tree = run_tree(tiny_corpus, run_dir, steps=2, **{
+        "data.val_path": None, "train.eval_tasks": {"mc": str(task)}, "train.eval_every": 1, "parallel.dp_shard": 2,
+    })  # fmt: skip
+    run_ranks(2, run_dir, tree)
+    return run_dir, task
+
+
+def test_two_fsdp_ranks_log_the_task_accuracy_one_process_gets(fsdp_run, capsys):
+    run_dir, task = fsdp_run
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl").records if "task_acc/mc" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 <= r["task_acc/mc"] <= 1 and 0 <= r["task_acc_norm/mc"] <= 1 for r in records)
+    # `strata eval` in one process, on the tasks of the run's config (it has no val set)
+    assert main(["eval", str(run_dir), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["step"] == 2 and row["results"] == {}
+    assert row["tasks"]["mc"]["items"] == len(TASK_ITEMS)
+    assert row["tasks"]["mc"]["acc"] == records[-1]["task_acc/mc"]
+    assert row["tasks"]["mc"]["acc_norm"] == records[-1]["task_acc_norm/mc"]
+
+
+def test_strata_eval_task_flag(fsdp_run, tmp_path, capsys):
+    run_dir, task = fsdp_run
+    assert main(["eval", str(run_dir), "--task", f"again={task}", "--batch-size", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert list(row["tasks"]) == ["again"] and row["tasks"]["again"]["items"] == len(TASK_ITEMS)
+    assert main(["eval", str(run_dir), "--task", f"again={task}"]) == 0
+    out = capsys.readouterr().out
+    assert "task acc / acc_norm" in out and "again" in out
+    assert main(["eval", str(run_dir), "--task", f"x={tmp_path / 'nope.jsonl'}"]) == 2
+    assert f"--task x: {tmp_path / 'nope.jsonl'}: no such task file" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), "--task", f"x={task}", "--task", f"x={task}"]) == 2
+    assert "given twice" in capsys.readouterr().out
