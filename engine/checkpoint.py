@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from engine.config import ConfigError
 from engine.dist import DistContext, all_reduce_sum, barrier
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,21 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+# what a load error says when the checkpoint is intact but holds another model (a config change)
+MISMATCH_MARKERS = ("Size mismatch", "size mismatch", "Missing key", "Unexpected key")
+
+
+class CheckpointMismatch(ConfigError):
+    """An intact checkpoint whose tensors do not fit this run's model or optimizer: the config
+    changed. Not corruption, so no fallback: falling back to step 0 would overwrite the run."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"checkpoint {path} does not fit this run's model ({detail}); the config's model (or optim) "
+            "section differs from the one it was saved with: resume with the run's own config.yaml"
+        )
 
 
 def _warn_skip(path: Path, problem: str, loud: bool = True) -> None:
@@ -287,5 +303,7 @@ class Checkpointer:
                     return path, self.load(path, model, optimizer)
                 except (Exception, CheckpointException) as err:  # a corrupt file of the right size
                     problem = f"loading failed ({_first_line(err)})"
+                    if any(marker in str(err) for marker in MISMATCH_MARKERS):
+                        raise CheckpointMismatch(path, _first_line(err)) from None
             _warn_skip(path, problem, loud=self.ctx.is_main)
         return None

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         path = consolidate(args.checkpoint, args.out, args.dtype, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"strata consolidate: {err}", file=sys.stderr)
-        return 1
+        print(f"consolidate: error: {err}", file=sys.stderr)
+        return 2  # bad input, like every other command
     print(f"wrote {path}")
     return 0

@@ -12,7 +12,14 @@ from distributed_runs import shared_run
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine.checkpoint import MARKER, Checkpointer, latest_checkpoint, list_checkpoints, verify
+from engine.checkpoint import (
+    MARKER,
+    Checkpointer,
+    CheckpointMismatch,
+    latest_checkpoint,
+    list_checkpoints,
+    verify,
+)
 from engine.config import load_config
 from engine.dist import DistContext
 from engine.evaluate import evaluate
@@ -63,6 +70,18 @@ def test_keep_last_prunes_old_checkpoints_and_leftover_temp_dirs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_checkpoint_of_another_model_shape_stops_the_resume_instead_of_restarting_from_step_0(tmp_path):
+    """A changed model config is not corruption: falling back (to step 0) would overwrite the run."""
+    model, optimizer = _model_and_optimizer(0)
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=1, async_save=False)
+    saved_at = checkpointer.save(5, model, optimizer, {"step": 5})
+    wider = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4))
+    with pytest.raises(CheckpointMismatch, match="does not fit this run's model.*[Ss]ize mismatch"):
+        checkpointer.load_latest(wider, torch.optim.AdamW(wider.parameters()))
+    assert list_checkpoints(tmp_path) == [saved_at] and verify(saved_at) is None
+
+
 @pytest.fixture(scope="module")
 def saved(tiny_corpus, tmp_path_factory):
     """The 4-process FSDP2 x TP2 run of the parity test (checkpoints at steps 10 and 20)."""
@@ -74,7 +93,7 @@ def saved(tiny_corpus, tmp_path_factory):
 def test_consolidate_writes_full_weights_that_reproduce_the_runs_val_loss(saved, tmp_path, capsys):
     out = tmp_path / "model.safetensors"
     assert main(["consolidate", str(saved), str(out)]) == 0
-    assert main(["consolidate", str(saved), str(out)]) == 1  # no silent overwrite
+    assert main(["consolidate", str(saved), str(out)]) == 2  # no silent overwrite
     assert "exists" in capsys.readouterr().err
     cfg = load_config(saved / "config.yaml")
     with torch.device("meta"):
