@@ -29,6 +29,35 @@ def resolve_config(config: str | Path | dict | StrataConfig | None, overrides: l
     return cfg
 
 
+def check_data_paths(cfg: StrataConfig) -> None:
+    """Every local ShardSet the run reads holds a manifest: a wrong path stops before any work
+    (not at the first eval, steps later), naming the field. Remote (scheme://) paths are left to the loader."""
+    from data_pipeline.manifest import MANIFEST_NAME
+
+    data = cfg.data
+    fields = [(f"data.sources.{i}.path", source.path) for i, source in enumerate(data.sources)]
+    fields += [("data.val_path", data.val_path)] if data.val_path else []
+    fields += [(f"data.val_sets.{name}", path) for name, path in sorted(data.val_sets.items())]
+    fields += [("data.decomposition.path", data.decomposition.path)] if data.decomposition else []
+    for field, path in fields:
+        if "://" not in path and not (Path(path) / MANIFEST_NAME).is_file():
+            what = "no such directory" if not Path(path).exists() else f"not a ShardSet (no {MANIFEST_NAME})"
+            raise ConfigError(f"{field}: {what}: {path}")
+
+
+def check_new_run_dir(run_dir: str | Path) -> None:
+    """A fresh run must not overwrite another: a run directory that holds checkpoints is refused
+    (its config.yaml, metrics and checkpoints would be replaced); `--resume` continues it."""
+    from engine.checkpoint import list_checkpoints
+
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    if found:
+        raise ConfigError(
+            f"train.run_dir: {run_dir} already holds a run (checkpoints up to {found[0].name}); "
+            f"continue it with `strata train --resume {run_dir}`, or pick a new train.run_dir"
+        )
+
+
 def run_training(
     config: str | Path | dict | StrataConfig | None,
     overrides: list[str] | None = None,
@@ -38,6 +67,7 @@ def run_training(
     from engine.trainer import Trainer
 
     cfg = resolve_config(config, overrides or [], resume)
+    check_data_paths(cfg)
     ctx = init_distributed(cfg.train.device)
     try:
         return Trainer(cfg, ctx, resume=resume is not None).fit()

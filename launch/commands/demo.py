@@ -10,6 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
+from launch.arguments import add_set_argument
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
@@ -23,8 +25,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: configs/demo.yaml)")
     p.add_argument("--data-dir", default="data/stdlib", help="where the built-in corpus is prepared")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set train.steps=100 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--launcher", choices=["inprocess", "ray"], default="inprocess",
                    help="run training in this process or through the embedded local Ray cluster")
     p.add_argument("--workers", type=int, default=2, help="Ray training workers (with --launcher ray)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError, StrataConfig, apply_overrides, load_config, read_yaml
+from launch.arguments import add_set_argument
 
 # ModelConfig fields fixed by the HF checkpoint (the rest, e.g. attn_backend, z_loss, max_seq_len, stay the config's).
 ARCHITECTURE_FIELDS = (
@@ -39,14 +40,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "config", nargs="?", help="run config YAML (its model section may be omitted)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field (repeatable)",
-    )
+    add_set_argument(parser)
     parser.add_argument("--run-dir", default=None, help="run directory (default: train.run_dir)")
     parser.add_argument(
         "--no-train",

@@ -24,6 +24,7 @@ from engine.config import (
     load_config,
     read_yaml,
 )
+from launch.arguments import add_set_argument
 
 EPILOG = """policy defaults (a flag beats NEW.yaml's `continual:` section, which beats these):
   optimizer  keep
@@ -49,8 +50,7 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("source", nargs="?", help="Strata run dir / checkpoints dir / step dir to start from")
     p.add_argument("--config", help="the new run's YAML (data mixture, schedule, ...); default: the source run's config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field (repeatable)")
+    add_set_argument(p)
     p.add_argument("--run-dir", help="the new run's directory (default: NEW.yaml's train.run_dir, "
                    "<run>-anneal-<step> for --anneal, <run>-resume-<step> without --config)")
     p.add_argument("--steps", type=int, help="steps to train from the start step (default: NEW.yaml's train.steps, "

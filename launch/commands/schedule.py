@@ -15,6 +15,7 @@ from engine.config import ConfigError, apply_overrides, load_config, read_yaml
 from engine.hparams import resolve_auto_hparams
 from engine.report import save_figure
 from engine.schedules import Schedule, build_schedule
+from launch.arguments import add_set_argument
 
 MAX_PLOT_POINTS = 4000
 
@@ -26,14 +27,7 @@ def add_parser(subparsers) -> None:
     plot.add_argument("config", help="run config YAML")
     plot.add_argument("--steps", type=int, default=None, help="total steps (default: train.steps)")
     plot.add_argument("--out", default=None, help="PNG path (default: <config stem>_schedule.png)")
-    plot.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override, repeatable (e.g. schedule.name=wsd)",
-    )
+    add_set_argument(plot)
     plot.add_argument(
         "--current-lr",
         type=float,

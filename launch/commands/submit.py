@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from engine.config import load_config
+from launch.arguments import add_set_argument, positive_int
 
 EPILOG = """examples:
   strata submit configs/demo.yaml --launcher ray --workers-per-node 2
@@ -39,8 +40,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("config", help="YAML config file")
     p.add_argument("--launcher", choices=["ray", "slurm", "local"], default=None,
                    help="where the ranks run (default: the config's launch.launcher if set to ray/slurm, else ray)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set train.steps=100 (repeatable)")
+    add_set_argument(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest intact checkpoint")
     p.add_argument("--run-dir", metavar="DIR", help="output directory of the run (same as --set train.run_dir=DIR)")
 
@@ -54,7 +54,7 @@ def add_parser(subparsers) -> None:
                       help="CPU cores per rank (ray actor CPUs; slurm --cpus-per-task) (default 1)")
 
     local = p.add_argument_group("local")
-    local.add_argument("--nproc", type=int, default=None,
+    local.add_argument("--nproc", type=positive_int, default=None,
                        help="processes on this machine (torchrun equivalent) (default: the config's launch.nproc)")
 
     ray = p.add_argument_group("ray")
@@ -135,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
     launcher = args.launcher or _default_launcher(args.config)
     config = str(Path(args.config).absolute())
     overrides, run_dir = _run_dir(args)
+    if args.resume is None and not (launcher == "slurm" and (args.array or args.dry_run)):
+        # a new run: never on top of another one's checkpoints
+        from engine.entry import check_new_run_dir
+
+        check_new_run_dir(run_dir)
     nproc_default = load_config(args.config, [o for o in overrides if o.startswith("launch.")]).launch.nproc
     try:
         if launcher == "local":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from launch.arguments import add_set_argument, positive_int
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -14,15 +16,18 @@ def add_parser(subparsers) -> None:
         "metrics.jsonl, tb/, report.png, checkpoints/.",
     )
     p.add_argument("config", nargs="?", help="YAML config file (optional with --resume: the run's saved config is used)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-3 (repeatable; values parsed as YAML)")
+    add_set_argument(p)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its latest intact checkpoint")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=positive_int, default=1,
                    help="spawn this many local processes (gloo on CPU, nccl on GPU); same as `strata submit --launcher local`")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.entry import check_new_run_dir, resolve_config
+
+    if args.resume is None:  # a new run: never on top of another one's checkpoints
+        check_new_run_dir(resolve_config(args.config, args.overrides, None).train.run_dir)
     if args.nproc > 1:
         from launch.local import launch_local
 
