@@ -225,6 +225,10 @@ def _data_checks(cfg) -> list[Check]:
                                 f"{cfg.model.vocab_size}", "raise model.vocab_size"))  # fmt: skip
         else:
             checks.append(Check("data", label, OK, detail))
+    for name, path in sorted(cfg.train.eval_tasks.items()):
+        exists = Path(path).is_file()
+        checks.append(Check("data", f"task {name}", OK if exists else FAIL, path,
+                            "" if exists else "train.eval_tasks: no such task file"))  # fmt: skip
     distinct = {fp for fp in fingerprints.values() if fp}
     if len(distinct) > 1:
         checks.append(Check("data", "tokenizers", FAIL, "the ShardSets were tokenized with different tokenizers: "

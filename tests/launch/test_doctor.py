@@ -51,6 +51,7 @@ def test_a_runnable_config_passes_and_says_what_it_found(tiny_corpus, tmp_path, 
         ({"data.sources": [{"path": "/nowhere/train", "name": "gone"}]}, 1, "data/source gone", "/nowhere/train"),
         ({"model.vocab_size": 16}, 1, "data/source tiny", "tokenizer vocab"),
         ({"parallel.tp": 2}, 3, "parallel/degrees", "does not divide the world size (3)"),
+        ({"train.eval_tasks": {"mc": "/nowhere/mc.jsonl"}}, 1, "data/task mc", "/nowhere/mc.jsonl"),
         ({"data.global_batch_size": 12, "data.micro_batch_size": 4}, 2, "parallel/batch", "not a multiple"),
     ],
 )
