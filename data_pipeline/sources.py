@@ -1,4 +1,5 @@
-"""Input readers for `prepare`: JSONL (plain/.gz/.zst), text-file trees (.txt/.py/.md), Parquet.
+"""Input readers for `prepare`: JSONL (plain/.gz/.zst), text-file trees (.txt/.py/.md), Parquet,
+and directories holding any of them.
 
 Owns turning input paths into one ordered stream of raw records and turning a raw record into
 document text or a rejection reason. It does not tokenize and never raises on bad *data*:
@@ -59,6 +60,24 @@ def _is_jsonl(path: Path) -> bool:
     return False
 
 
+def _directory_specs(path: Path, source: str, raw: str) -> list[InputSpec]:
+    """A directory: each JSONL/Parquet file under it (sorted) is one input, sourced as
+    `source/relative path`; its text files (sorted) are one more, sourced as `source`."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    structured = [p for p in files if _is_jsonl(p) or p.suffix.lower() == ".parquet"]
+    texts = tuple(p for p in files if p.suffix.lower() in TEXT_SUFFIXES)
+    if not structured and not texts:
+        raise InputError(
+            f"input directory has no .jsonl[.gz|.zst], .parquet or {'/'.join(TEXT_SUFFIXES)} files: {raw}"
+        )
+    specs = [
+        InputSpec("parquet" if p.suffix.lower() == ".parquet" else "jsonl",
+                  f"{source.rstrip('/')}/{p.relative_to(path).as_posix()}", (p,))
+        for p in structured
+    ]
+    return specs + ([InputSpec("text_files", source, texts)] if texts else [])
+
+
 def resolve_inputs(paths: list[str], source_names: list[str] | None = None) -> list[InputSpec]:
     """Check every input exists and has a supported type; directories become sorted file lists."""
     if not paths:
@@ -70,12 +89,7 @@ def resolve_inputs(paths: list[str], source_names: list[str] | None = None) -> l
         if not path.exists():
             raise InputError(f"input not found: {raw}")
         if path.is_dir():
-            files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
-            )
-            if not files:
-                raise InputError(f"input directory has no {'/'.join(TEXT_SUFFIXES)} files: {raw}")
-            specs.append(InputSpec("text_files", source, tuple(files)))
+            specs += _directory_specs(path, source, raw)
         elif path.suffix.lower() == ".parquet":
             specs.append(InputSpec("parquet", source, (path,)))
         elif _is_jsonl(path):

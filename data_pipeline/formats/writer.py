@@ -37,9 +37,12 @@ def parse_size(text: str | int) -> int:
     value = text.strip().lower()
     number = value.rstrip("abgikm ")
     unit = value[len(number):].strip()
-    if unit not in units or not number:
-        raise ValueError(f"cannot parse size {text!r} (examples: 64MB, 512kb, 1048576)")
-    size = int(float(number) * units[unit])
+    try:
+        if unit not in units:
+            raise ValueError(unit)
+        size = int(float(number) * units[unit])
+    except (ValueError, OverflowError):  # "12XB", "MB", "abc", "inf"
+        raise ValueError(f"cannot parse size {text!r} (examples: 64MB, 512kb, 1048576)") from None
     if size <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
     return size

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from launch.arguments import byte_size, non_negative_int, positive_int
+
+BUILTIN_ONLY = ("val_fraction", "max_files")  # flags that mean something only with --builtin
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -31,18 +35,18 @@ def add_parser(subparsers) -> None:
                    help="train a byte-level BPE with this vocab size on the inputs (builtin default 8192)")
     p.add_argument("--eos-token", help="EOS token string (default: the first of <|endoftext|>, </s>, <eos>, ... in the vocab)")
     p.add_argument("--text-field", default="text", help="JSON/Parquet field holding the document text (default text)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer worker processes (default: number of cores)")
+    p.add_argument("--workers", type=positive_int, default=None, help="tokenizer worker processes (default: number of cores)")
     p.add_argument("--ray", action="store_true",
                    help="encode on Ray tasks (a private local Ray instance unless --ray-address is given); same shards, same resumability")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="with --ray: join this cluster (auto, HOST:PORT or ray://...) instead of starting a local one")
-    p.add_argument("--shard-size", default="64MB", help="approximate bytes per shard, e.g. 64MB, 512kb (default 64MB)")
+    p.add_argument("--shard-size", type=byte_size, default="64MB", help="approximate bytes per shard, e.g. 64MB, 512kb (default 64MB)")
     p.add_argument("--compression", default=None,
                    help="MDS shard compression: zstd, zstd:LEVEL, gz, br, bz2, snappy (default none)")
-    p.add_argument("--max-doc-chars", type=int, default=1_000_000,
+    p.add_argument("--max-doc-chars", type=non_negative_int, default=1_000_000,
                    help="split longer documents into pieces of at most this many characters (0 = keep whole; default 1000000)")
-    p.add_argument("--val-fraction", type=float, default=0.02, help="--builtin: share of files held out for val")
-    p.add_argument("--max-files", type=int, default=None, help="--builtin: keep only the first N files (small demos/tests)")
+    p.add_argument("--val-fraction", type=float, default=None, help="--builtin: share of files held out for val (default 0.02)")
+    p.add_argument("--max-files", type=positive_int, default=None, help="--builtin: keep only the first N files (small demos/tests)")
     p.add_argument("--overwrite", action="store_true", help="delete what OUT holds instead of resuming")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=run)
@@ -58,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
             return _run_builtin(args)
         if not args.inputs:
             raise InputError("no inputs given (or use --builtin stdlib)")
+        for name in BUILTIN_ONLY:
+            if getattr(args, name) is not None:
+                raise InputError(f"--{name.replace('_', '-')} applies only to --builtin")
 
         options = PrepareOptions(
             format=args.format,
@@ -73,7 +80,13 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             encode_map=_ray_encode_map(args.ray_address) if args.ray else None,
         )
-        prepare(args.inputs, args.out, options)
+        manifest = prepare(args.inputs, args.out, options)
+        if manifest["counts"]["documents"] == 0:  # a wrong --text-field, most likely: say so, even with --quiet
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(manifest["rejected"].items()))
+            records = manifest["counts"]["input_records"]
+            why = f"all {records:,} input records were rejected ({reasons})" if records else "the inputs hold no records"
+            raise InputError(f"no documents written to {args.out}: {why}; check the inputs and --text-field "
+                             f"(now {args.text_field!r})")
     except (InputError, ResumeMismatch, PermissionError, FileNotFoundError, ValueError) as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 2
@@ -101,7 +114,7 @@ def _run_builtin(args: argparse.Namespace) -> int:
     result = build_stdlib_corpus(
         args.out,
         vocab_size=args.train_tokenizer or 8192,
-        val_fraction=args.val_fraction,
+        val_fraction=0.02 if args.val_fraction is None else args.val_fraction,
         format=args.format,
         workers=args.workers,
         shard_size=args.shard_size,

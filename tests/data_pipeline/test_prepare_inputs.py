@@ -199,3 +199,41 @@ def test_literal_special_token_text_is_not_an_eos(tmp_path, tokenizer_path):
     tokens = shardset.get(0)
     assert (tokens[:-1] != shardset.eos_id).all()
     assert decode(load(tokenizer_path), tokens) == text
+
+
+def test_a_directory_of_jsonl_parquet_and_text_files_reads_them_all(tmp_path, tokenizer_path):
+    """JSONL/Parquet files in a directory are inputs too (not silently skipped), each its own source."""
+    texts = corpus_texts(5)
+    data = tmp_path / "data"
+    (data / "part").mkdir(parents=True)
+    write_jsonl(data / "part" / "b.jsonl", texts[1:3])
+    (data / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(json.dumps({"text": texts[0]}).encode()))
+    pq.write_table(pa.table({"text": texts[3:4]}), data / "c.parquet")
+    (data / "notes.txt").write_text(texts[4], encoding="utf-8")
+
+    manifest = prepare([str(data)], tmp_path / "out", options(tokenizer_path))
+
+    sources = {name: s["documents"] for name, s in manifest["sources"].items()}
+    assert sources == {f"{data}/a.jsonl.zst": 1, f"{data}/c.parquet": 1, f"{data}/part/b.jsonl": 2, str(data): 1}
+    shardset, tokenizer = open_shardset(tmp_path / "out"), load(tokenizer_path)
+    order = [texts[0], texts[3], texts[1], texts[2], texts[4]]  # sorted structured files, then the text files
+    assert [decode(tokenizer, shardset.get(i)) for i in range(5)] == order
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shard-size", "12XB"], "argument --shard-size: cannot parse size '12XB'"),
+    (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
+    (["--max-doc-chars", "-5"], "argument --max-doc-chars: must be >= 0, got -5"),
+    (["--val-fraction", "0.5"], "prepare: error: --val-fraction applies only to --builtin"),
+    (["--text-field", "body"], "all 2 input records were rejected (missing_text_field=2); check the inputs and --text-field (now 'body')"),
+])
+def test_wrong_prepare_flags_exit_2_naming_the_flag(flags, message, tmp_path, tokenizer_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", ["one\n", "two\n"])
+    argv = ["prepare", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer_path),
+            "--workers", "1", "--quiet", *flags]
+    try:
+        code = strata(argv)
+    except SystemExit as exit_info:  # argparse
+        code = exit_info.code
+    assert code == 2
+    assert message in capsys.readouterr().err
