@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from launch.arguments import non_negative_int, positive_int
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -43,9 +45,9 @@ def add_parser(subparsers) -> None:
         '"label": int}, each choice written with its leading space; default: the run config\'s train.eval_tasks',
     )
     parser.add_argument("--all-checkpoints", action="store_true", help="every committed checkpoint of each run, oldest first")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the run's data.seq_len)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default 16)")
-    parser.add_argument("--max-batches", type=int, default=0, help="batches per set at most; 0 = the whole set (default)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: the run's data.seq_len)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
+    parser.add_argument("--max-batches", type=non_negative_int, default=0, help="batches per set at most; 0 = the whole set (default)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda if available")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run)
@@ -96,6 +98,14 @@ def _targets(source: str, all_checkpoints: bool) -> list[tuple[str, Path, bool]]
     return [(str(p), p, False) for p in steps]
 
 
+def _check_shardset(what: str, path: str) -> None:
+    """A local ShardSet path holds a manifest (remote scheme:// paths are left to the reader)."""
+    from data_pipeline.manifest import MANIFEST_NAME
+
+    if "://" not in path and not (Path(path) / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(f"{what}: not a ShardSet (no {MANIFEST_NAME})")
+
+
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.formats import open_shardset
     from engine.config import ConfigError
@@ -105,17 +115,19 @@ def run(args: argparse.Namespace) -> int:
     from engine.metrics import format_duration
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("eval error: --device cuda but no CUDA device is available")
+        print("eval error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)  # fmt: skip
     autocast = torch.bfloat16 if device.type == "cuda" else None
     try:
         given = _named_sets(args.data)
+        for name, data in given.items():  # a wrong path fails now, not after loading a model
+            _check_shardset(f"--data {name}={data}", data)
         given_tasks = _named_sets(args.task, "--task", "FILE.jsonl")
         targets = [t for source in args.checkpoints for t in _targets(source, args.all_checkpoints)]
     except (ValueError, FileNotFoundError) as err:
-        print(f"eval error: {err}")
+        print(f"eval error: {err}", file=sys.stderr)
         return 2
     rows, token_bytes, encoded_tasks, start = [], {}, {}, time.perf_counter()
     for label, path, is_hf in targets:
@@ -128,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             sets, step = given or run_sets, int(path.name[5:])
             tasks = given_tasks or run_tasks
         if not sets and not tasks:
-            print(f"eval error: {label}: nothing to score: pass --data DIR or --task NAME=FILE.jsonl")
+            print(f"eval error: {label}: nothing to score: pass --data DIR or --task NAME=FILE.jsonl", file=sys.stderr)
             return 2
         key = (tuple(tasks.items()), str(path if is_hf else run_dir), model_cfg.max_seq_len)
         if tasks and key not in encoded_tasks:  # tokenized once per run (tokenizer) and context window
@@ -138,14 +150,19 @@ def run(args: argparse.Namespace) -> int:
                 field = "--task" if given_tasks else "train.eval_tasks"
                 encoded_tasks[key] = prepare_tasks(tasks, task_tokenizer, model_cfg.max_seq_len, field)
             except ConfigError as err:
-                print(f"eval error: {label}: {err}")
+                print(f"eval error: {label}: {err}", file=sys.stderr)
                 return 2
         seq_len = args.seq_len or seq_len or model_cfg.max_seq_len
         if seq_len > model_cfg.max_seq_len:
-            print(f"eval error: --seq-len {seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})")
+            print(f"eval error: --seq-len {seq_len} exceeds the model's max_seq_len ({model_cfg.max_seq_len})", file=sys.stderr)
             return 2
         results = {}
         for name, data in sets.items():
+            try:
+                _check_shardset(f"{label}: the run's val set {name!r}", data)
+            except FileNotFoundError as err:
+                print(f"eval error: {err}; pass --data DIR", file=sys.stderr)
+                return 2
             shardset = open_shardset(data)
             tokenizer = shardset.tokenizer_path
             if tokenizer not in token_bytes:

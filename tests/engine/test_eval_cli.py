@@ -62,12 +62,17 @@ def test_the_table_and_the_errors(run, tmp_path, capsys):
     assert main(["eval", str(run_dir), "--max-batches", "1"]) == 0
     out = capsys.readouterr().out
     assert "again" in out and "step_00000006" in out
-    assert main(["eval", str(tmp_path / "nope")]) == 2
-    assert "no such checkpoint" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "nope")]) == 2  # errors go to stderr, as one line
+    assert "no such checkpoint" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--data", "a=x", "--data", "a=y"]) == 2
-    assert "given twice" in capsys.readouterr().out
+    assert "given twice" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--seq-len", "4096"]) == 2
-    assert "exceeds the model's max_seq_len" in capsys.readouterr().out
+    assert "exceeds the model's max_seq_len" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--data", f"v={tmp_path}"]) == 2  # before any model is loaded
+    assert f"eval error: --data v={tmp_path}: not a ShardSet (no manifest.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(run_dir), "--batch-size", "0"])
+    assert exit_info.value.code == 2 and "argument --batch-size: must be >= 1" in capsys.readouterr().err
 
 
 def test_tasks_are_scored_beside_the_val_sets(run, tmp_path, capsys):
