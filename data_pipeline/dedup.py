@@ -61,7 +61,9 @@ DIGEST_BYTES = 16  # blake2b digest size: 128 bits
 MINHASH_SCHEME = "affine32"  # datasketch's default permutation scheme (uint32 hash values)
 DEFAULT_NGRAM, DEFAULT_NUM_PERM, DEFAULT_THRESHOLD, DEFAULT_SEED = 5, 128, 0.8, 1
 SHINGLE_BLOCK = 8192  # shingles per update_batch call: bounds the [block, num_perm] temporaries
-TASK_TOKENS = (1 << 16, 1 << 22)  # a worker task covers this many tokens (min, max)
+# tokens a worker task covers (min, max) per method: exact hashing runs at ~50M tokens/s in one
+# process, so it starts worker processes (~1 s each to spawn and import) only for large sets
+TASK_TOKENS = {"exact": (1 << 24, 1 << 26), "minhash": (1 << 16, 1 << 22)}
 TASK_DOCS = 20_000  # ... and at most this many documents
 
 # 64-bit mixing constants (golden ratio; splitmix64's finalizer)
@@ -206,12 +208,16 @@ def _fingerprint_in_worker(first: int, end: int, params: DedupParams) -> Fingerp
     return fingerprint_range(_WORKER_SHARDSET, first, end, params)
 
 
-def document_ranges(lengths: np.ndarray, workers: int) -> list[tuple[int, int]]:
+def document_ranges(
+    lengths: np.ndarray, workers: int, method: str = "minhash"
+) -> list[tuple[int, int]]:
     """Contiguous [first, end) document ranges, each about total/(8*workers) tokens (clamped to
-    TASK_TOKENS) and at most TASK_DOCS documents. Which ranges does not change the result."""
+    the method's TASK_TOKENS) and at most TASK_DOCS documents. Which ranges does not change the
+    result."""
     lengths = np.asarray(lengths, dtype=np.int64)
     total = int(lengths.sum())
-    target = min(max(total // (8 * max(workers, 1)), TASK_TOKENS[0]), TASK_TOKENS[1])
+    low, high = TASK_TOKENS[method]
+    target = min(max(total // (8 * max(workers, 1)), low), high)
     ends = np.cumsum(lengths)
     ranges, first = [], 0
     while first < len(lengths):
@@ -232,7 +238,7 @@ def iter_fingerprints(
 ) -> Iterator[Fingerprints]:
     """Fingerprints of every document, range by range in corpus order, computed in `workers`
     processes (in this process when 1, or when there is one range); at most 2 * workers ranges in flight."""
-    ranges = document_ranges(np.asarray(shardset.lengths), workers)
+    ranges = document_ranges(np.asarray(shardset.lengths), workers, params.method)
     workers = min(workers, len(ranges))  # no processes to start for a single range
     if workers <= 1:
         for first, end in ranges:
@@ -290,24 +296,28 @@ class DuplicateFinder:
         self.seen: dict[bytes, tuple[int, str, float]] = {}  # digest -> (kept id, reason, jaccard)
         self.decisions = Decisions()
         self.next_doc = 0
-        self.lsh = None
+        self.lsh: Any = None  # datasketch MinHashLSH, built at the first add (minhash only)
         self.kept_signatures: dict[int, np.ndarray] = {}
-        if params.method == "minhash":
-            from datasketch import MinHashLSH
 
-            try:
-                self.lsh = MinHashLSH(threshold=params.threshold, num_perm=params.num_perm)
-            except ValueError:
-                # datasketch's optimum is a single band (thresholds >= ~0.99, or few
-                # permutations), which it refuses; two bands of half the rows find every pair
-                # one band would, and more
-                half = params.num_perm // 2
-                self.lsh = MinHashLSH(params.threshold, params.num_perm, params=(2, half))
-            self.decisions.lsh_bands, self.decisions.lsh_rows = self.lsh.b, self.lsh.r
+    def _build_index(self) -> None:
+        """The LSH index; built late, so its setup (~0.5 s: datasketch's band optimisation)
+        overlaps the workers' start."""
+        from datasketch import MinHashLSH
+
+        threshold, num_perm = self.params.threshold, self.params.num_perm
+        try:
+            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        except ValueError:
+            # datasketch's optimum is a single band (thresholds >= ~0.99, or few permutations),
+            # which it refuses; two bands of half the rows find every pair one band would
+            self.lsh = MinHashLSH(threshold, num_perm, params=(2, num_perm // 2))
+        self.decisions.lsh_bands, self.decisions.lsh_rows = self.lsh.b, self.lsh.r
 
     def add(self, prints: Fingerprints) -> None:
         if prints.first != self.next_doc:
             raise ValueError(f"fingerprints out of order: got {prints.first}, want {self.next_doc}")
+        if self.lsh is None and self.params.method == "minhash":
+            self._build_index()
         d = self.decisions
         d.lengths.append(prints.lengths)
         for i in range(len(prints.lengths)):

@@ -146,9 +146,11 @@ def test_minhash_estimate_tracks_the_true_jaccard():
 def test_ranges_cover_every_document_once_in_order():
     lengths = np.random.default_rng(2).integers(1, 5000, size=3000)
     for workers in (1, 2, 16):
-        ranges = document_ranges(lengths, workers)
+        ranges = document_ranges(lengths, workers, "minhash")
         assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False))
+    # exact hashing is too cheap to spread 7M tokens over processes
+    assert document_ranges(lengths, 2, "exact") == [(0, len(lengths))]
     assert document_ranges(np.zeros(0, np.int64), 2) == []
 
 
@@ -186,8 +188,8 @@ def test_distinct_documents_are_all_kept(pools, tmp_path):
 
 def test_same_output_for_one_and_two_workers(pools, tmp_path, monkeypatch):
     # tiny tasks, so two worker processes each get several ranges
-    monkeypatch.setattr(dedup_module, "TASK_TOKENS", (100, 100))
-    assert len(document_ranges(open_shardset(pools / "wds").lengths, 2)) > 4
+    monkeypatch.setattr(dedup_module, "TASK_TOKENS", {"exact": (100, 100), "minhash": (100, 100)})
+    assert len(document_ranges(open_shardset(pools / "wds").lengths, 2, "exact")) > 4
     for method in ("exact", "minhash"):
         outs = [tmp_path / f"{method}{w}" for w in (1, 2)]
         for out, workers in zip(outs, (1, 2), strict=True):
