@@ -106,7 +106,7 @@ def convert(
     parent = open_shardset(source, cache_dir)
     out_dir = Path(out_dir)
     if parent.root.resolve() == out_dir.resolve():
-        raise ValueError("convert: the output directory must differ from the input")
+        raise ValueError("the output directory must differ from the input")
     check_writable(out_dir)
     if overwrite:
         clear_output_dir(out_dir)

@@ -48,7 +48,7 @@ def test_convert_cli_and_same_shards_at_same_size(tmp_path):
             PrepareOptions(tokenizer=str(tokenizer), shard_size="2kb", workers=1, progress=False))
     assert strata(["convert", str(tmp_path / "mds"), "--out", str(tmp_path / "wds"),
                    "--format", "wds", "--shard-size", "2kb", "--quiet"]) == 0
-    assert strata(["convert", str(tmp_path / "wds"), "--out", str(tmp_path / "back"),
+    assert strata(["convert", str(tmp_path / "wds"), str(tmp_path / "back"),  # DST positional, as in the README
                    "--format", "mds", "--shard-size", "2kb", "--quiet"]) == 0
     # same documents and shard size -> byte-identical MDS shards as written by prepare
     original, back = output_files(tmp_path / "mds"), output_files(tmp_path / "back")
@@ -56,3 +56,6 @@ def test_convert_cli_and_same_shards_at_same_size(tmp_path):
     assert all(original[n] == back[n] for n in shard_names)
     assert strata(["convert", str(tmp_path / "nope"), "--out", str(tmp_path / "x"),
                    "--format", "wds"]) == 2
+    assert strata(["convert", str(tmp_path / "mds"), str(tmp_path / "y"), "--out", str(tmp_path / "z"),
+                   "--format", "wds"]) == 2  # DST twice
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
