@@ -184,16 +184,32 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Sets each `a.b=c` in `tree`; a number indexes a list (`data.sources.0.path=DIR`)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = tree
-        for part in path[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
+        node: dict | list = tree
+        for depth, part in enumerate(path):
+            last = depth == len(path) - 1
+            if isinstance(node, list):
+                key: str | int = _list_index(node, part, path[:depth])
+            else:
+                key = part
+                if not last:
+                    node.setdefault(part, {})
+            if last:
+                node[key] = value  # type: ignore[index]
+            elif not isinstance(node[key], (dict, list)):  # type: ignore[index]
                 raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
-            node = child
-        node[path[-1]] = value
+            else:
+                node = node[key]  # type: ignore[index]
     return tree
+
+
+def _list_index(items: list, part: str, parents: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"{'.'.join(parents)}: {part!r} is not an index of this list of {len(items)} "
+                          f"(use 0..{len(items) - 1}, or set the whole list)")
+    return int(part)
 
 
 def config_from_dict(tree: dict) -> StrataConfig:
@@ -229,8 +245,11 @@ def load_config(source: str | Path | dict | None, overrides: list[str] | None = 
     return config_from_dict(tree)
 
 
-def _deep_copy(tree: dict) -> dict:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+def _deep_copy(tree: dict | list) -> dict | list:
+    """Copies the dicts and lists (overrides write into them), not the leaves."""
+    if isinstance(tree, list):
+        return [_deep_copy(v) if isinstance(v, (dict, list)) else v for v in tree]
+    return {k: _deep_copy(v) if isinstance(v, (dict, list)) else v for k, v in tree.items()}
 
 
 def dump_config(cfg: StrataConfig, path: str | Path) -> None:

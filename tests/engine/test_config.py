@@ -58,6 +58,15 @@ def test_malformed_override(tmp_path):
         load_config(None, ["optim.lr"])
 
 
+def test_an_override_indexes_a_list_without_touching_the_callers_tree():
+    tree = {"data": {"sources": [{"path": "a", "name": "a"}, {"path": "b", "name": "b"}]}}
+    cfg = load_config(tree, ["data.sources.1.path=elsewhere"])
+    assert [s.path for s in cfg.data.sources] == ["a", "elsewhere"]
+    assert tree["data"]["sources"][1]["path"] == "b"  # the dict passed in is copied, lists included
+    with pytest.raises(ConfigError, match=r"^data.sources: '2' is not an index of this list of 2 \(use 0..1"):
+        load_config(tree, ["data.sources.2.path=x"])
+
+
 def test_seq_len_beyond_model(tmp_path):
     with pytest.raises(ConfigError, match="data.seq_len .* exceeds model.max_seq_len"):
         load_config(None, ["data.seq_len=1024", "model.max_seq_len=512"])
