@@ -10,11 +10,14 @@ or mismatching marker, or whose load raises, is skipped with a warning for the p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +104,14 @@ class CheckpointMismatch(ConfigError):
             f"checkpoint {path} does not fit this run's model ({detail}); the config's model (or optim) "
             "section differs from the one it was saved with: resume with the run's own config.yaml"
         )
+
+
+@contextlib.contextmanager
+def _one_process_is_the_intent() -> Iterator[None]:
+    """DCP warns on every save/load without a process group; a one-process run means it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _warn_skip(path: Path, problem: str, loud: bool = True) -> None:
@@ -215,10 +226,12 @@ class Checkpointer:
         if self.ctx.is_main:
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         if blocking:
-            dcp.save(state, checkpoint_id=str(tmp))
+            with _one_process_is_the_intent():
+                dcp.save(state, checkpoint_id=str(tmp))
             self._commit(step, tmp, final)
         else:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
+            with _one_process_is_the_intent():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = _PendingSave(step, tmp, final, getattr(future, "upload_completion", future))
         return final
 
@@ -274,12 +287,14 @@ class Checkpointer:
         """Restores model (+ optimizer) resharded to this run's mesh; returns the trainer state."""
         if optimizer is None:
             state = {"model": get_model_state_dict(model)}
-            dcp.load(state, checkpoint_id=str(path))
+            with _one_process_is_the_intent():
+                dcp.load(state, checkpoint_id=str(path))
             set_model_state_dict(model, state["model"])
         else:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=str(path))
+            with _one_process_is_the_intent():
+                dcp.load(state, checkpoint_id=str(path))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if not rng_file.exists():  # a rank the saving run did not have

@@ -5,6 +5,7 @@ by FSDP2 x TP2 into one safetensors file whose weights reproduce that run's val 
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -80,6 +81,15 @@ def test_a_checkpoint_of_another_model_shape_stops_the_resume_instead_of_restart
     with pytest.raises(CheckpointMismatch, match="does not fit this run's model.*[Ss]ize mismatch"):
         checkpointer.load_latest(wider, torch.optim.AdamW(wider.parameters()))
     assert list_checkpoints(tmp_path) == [saved_at] and verify(saved_at) is None
+
+
+def test_a_one_process_save_and_load_print_no_process_group_warning(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    checkpointer = Checkpointer(tmp_path, CPU, keep_last=1, async_save=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpointer.load(checkpointer.save(1, model, optimizer, {}), model, optimizer)
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
 
 
 @pytest.fixture(scope="module")
