@@ -19,9 +19,10 @@ the library's public path rather than re-implementing its permutations. MinHashL
 rows chosen by datasketch for the threshold) proposes earlier kept documents; a document is
 dropped only when one of them has an estimated Jaccard (signature agreement) >= threshold. The
 minhash method first drops exact duplicates (cheaper, and labelled as such); documents shorter
-than the n-gram are compared exactly only. Workers are spawned (as in `prepare`): each costs
-~1 s of start-up (interpreter, this module, datasketch's scipy import), so small sets gain
-little from --workers; exact hashing starts none below 16M tokens. Memory in the deciding
+than the n-gram are compared exactly only. --workers N counts this process: N - 1 helpers are
+spawned (as in `prepare`), each ~1 s of start-up (interpreter, this module, datasketch's scipy
+import), and this process fingerprints ranges itself meanwhile, between its decisions; exact
+hashing starts no helper below 16M tokens. Memory in the deciding
 process: one dict entry per distinct document digest and one signature (num_perm * 4 bytes)
 per kept document.
 """
@@ -37,7 +38,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,34 +240,49 @@ class WorkerDied(RuntimeError):
 def iter_fingerprints(
     shardset: ShardSet, params: DedupParams, workers: int
 ) -> Iterator[Fingerprints]:
-    """Fingerprints of every document, range by range in corpus order, computed in `workers`
-    processes (in this process when 1, or when there is one range); at most 2 * workers ranges in flight."""
+    """Fingerprints of every document, range by range in corpus order, computed by `workers`
+    processes: this one and workers - 1 spawned helpers (none for a single range).
+
+    Ranges go to the helpers in order, at most 2 per helper in flight; whenever the next range
+    due is not ready, this process fingerprints the next unassigned range itself instead of
+    waiting (so it works while the helpers start, ~1 s each). Results come out in corpus order
+    whoever computed them, and a range's fingerprints depend only on its documents.
+    """
     ranges = document_ranges(np.asarray(shardset.lengths), workers, params.method)
-    workers = min(workers, len(ranges))  # no processes to start for a single range
-    if workers <= 1:
+    helpers = min(workers, len(ranges)) - 1
+    if helpers <= 0:
         for first, end in ranges:
             yield fingerprint_range(shardset, first, end, params)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_worker, initargs=(shardset,)
+        helpers, mp_context=context, initializer=_init_worker, initargs=(shardset,)
     ) as pool:
-        pending: deque = deque()
+        pending: deque[Future | Fingerprints] = deque()  # ranges[done:assigned], in order
+        assigned = 0
         try:
-            for first, end in ranges:
-                pending.append(pool.submit(_fingerprint_in_worker, first, end, params))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            while pending or assigned < len(ranges):
+                in_flight = sum(isinstance(item, Future) for item in pending)
+                while assigned < len(ranges) and in_flight < 2 * helpers:
+                    pending.append(pool.submit(_fingerprint_in_worker, *ranges[assigned], params))
+                    assigned, in_flight = assigned + 1, in_flight + 1
+                head = pending[0]
+                if isinstance(head, Future) and not head.done() and assigned < len(ranges):
+                    if len(pending) < 4 * (helpers + 1):
+                        pending.append(fingerprint_range(shardset, *ranges[assigned], params))
+                        assigned += 1
+                        continue
+                pending.popleft()
+                yield head.result() if isinstance(head, Future) else head
         except BrokenProcessPool as exc:
             raise WorkerDied(
                 "a dedup worker process died (out of memory? try fewer --workers); nothing was "
                 "written"
             ) from exc
         finally:
-            for future in pending:
-                future.cancel()
+            for item in pending:
+                if isinstance(item, Future):
+                    item.cancel()
 
 
 # --------------------------------------------------------------------------- the decision

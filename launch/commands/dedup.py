@@ -68,7 +68,8 @@ def add_parser(subparsers) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes computing fingerprints (default: all cores); the result does not depend on it",
+        help="processes computing fingerprints, this one included (default: all cores); the "
+        "result does not depend on it",
     )
     parser.add_argument(
         "--format",
