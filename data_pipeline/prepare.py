@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -176,6 +177,8 @@ def _init_worker(*encoder_args: Any) -> None:
     global _WORKER_ENCODER
     # each worker is one core; rayon threads inside every worker would oversubscribe
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Ctrl-C is the parent's to handle (it stops the pool); a worker would only print a traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER_ENCODER = DocumentEncoder(*encoder_args)
 

@@ -93,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     except WorkerDied as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nprepare: interrupted; the shards committed to {args.out} are kept: "
+              "run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -165,3 +165,28 @@ def test_a_killed_worker_is_a_clear_error_and_the_rerun_resumes(tmp_path):
     assert isinstance(outcome[0], WorkerDied), outcome
     prepare([source], tmp_path / "out", options)
     assert output_files(tmp_path / "out") == output_files(tmp_path / "reference")
+
+
+def test_ctrl_c_is_the_parents_alone_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Workers ignore SIGINT (the parent stops the pool; no traceback per worker); the CLI says
+    that the committed shards are kept and that the same command resumes."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import data_pipeline.prepare as prepare_module
+    from launch.cli import main as strata
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    encoder_args = (tokenizer.read_text(), 0, "uint16", "text", 0)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=prepare_module._init_worker, initargs=encoder_args) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "prepare", interrupted)
+    write_jsonl(tmp_path / "in.jsonl", ["one\n"])
+    out = tmp_path / "out"
+    assert strata(["prepare", str(tmp_path / "in.jsonl"), "--out", str(out), "--tokenizer", str(tokenizer)]) == 130
+    assert f"prepare: interrupted; the shards committed to {out} are kept" in capsys.readouterr().err
