@@ -7,8 +7,10 @@ Formula and test vectors: METHODS.md §8 (engine/hparams.py). It does not edit c
 from __future__ import annotations
 
 import argparse
+import sys
 
 from engine.hparams import parse_count, step_law
+from launch.arguments import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -22,27 +24,32 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--tokens", required=True, help="training tokens D (e.g. 1e11, 40B, 2T)")
     parser.add_argument(
-        "--seq-len", type=int, default=None, help="also print the batch in sequences of this length"
+        "--seq-len", type=positive_int, default=None, help="also print the batch in sequences of this length"
     )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        n_params, n_tokens = parse_count(args.params), parse_count(args.tokens)
+        n_params = _count("--params", args.params)
+        n_tokens = _count("--tokens", args.tokens)
         lr, batch_tokens = step_law(n_params, n_tokens)
     except ValueError as err:
-        print(f"hparams error: {err}")
+        print(f"hparams error: {err}", file=sys.stderr)
         return 2
     print(f"N (non-embedding params) = {n_params:.4g}")
     print(f"D (training tokens)      = {n_tokens:.4g}")
     print(f"learning rate            = {lr:.4g}")
     print(f"batch size (tokens)      = {batch_tokens:.4g}")
     if args.seq_len:
-        if args.seq_len <= 0:
-            print("hparams error: --seq-len must be > 0")
-            return 2
         sequences = max(1, round(batch_tokens / args.seq_len))
         print(f"batch size (sequences)   = {sequences} x {args.seq_len} tokens")
     print(f"optimizer steps          = {n_tokens / batch_tokens:.4g}")
     return 0
+
+
+def _count(flag: str, text: str) -> float:
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None

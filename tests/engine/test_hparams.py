@@ -107,5 +107,9 @@ def test_cli_prints_step_law(capsys):
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "0.001632" in out and "1.108e+06" in out and "270 x 4096" in out
-    bad = parser.parse_args(["hparams", "--params", "x", "--tokens", "1"])
+    bad = parser.parse_args(["hparams", "--params", "1e9", "--tokens", "x"])
     assert bad.func(bad) == 2
+    assert capsys.readouterr().err.startswith("hparams error: --tokens: 'x'")  # names the flag
+    with pytest.raises(SystemExit):  # was silently ignored (0) or printed half the output (< 0)
+        parser.parse_args(["hparams", "--params", "1e9", "--tokens", "1e11", "--seq-len", "0"])
+    assert "argument --seq-len: must be >= 1" in capsys.readouterr().err
