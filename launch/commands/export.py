@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 
 from engine.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, export_hf
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"export error: {err}")
+        print(f"export error: {err}", file=sys.stderr)
         return 2
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out}: {', '.join(files)}")

@@ -8,6 +8,7 @@ its continuation; `--ids` works on token ids instead of text (no tokenizer neede
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     from models.generate import generate
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("generate error: --device cuda but no CUDA device is available")
+        print("generate error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             generator=generator,
         )
     except (FileNotFoundError, ValueError) as err:
-        print(f"generate error: {err}")
+        print(f"generate error: {err}", file=sys.stderr)
         return 2
     if args.ids:
         print(",".join(str(i) for i in prompt + new))

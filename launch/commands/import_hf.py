@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.run_dir)
     if latest_checkpoint(run_dir / "checkpoints") is not None:
         print(
-            f"import-hf error: {run_dir} already has checkpoints; continue it with `strata train --resume {run_dir}`"
+            f"import-hf error: {run_dir} already has checkpoints; continue it with `strata train --resume {run_dir}`",
+            file=sys.stderr,
         )
         return 2
     ctx = init_distributed(cfg.train.device)

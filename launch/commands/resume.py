@@ -13,6 +13,7 @@ import argparse
 import copy
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, notes = build_resume_config(args)
     run_dir = Path(cfg.train.run_dir)
     if latest_checkpoint(run_dir / "checkpoints") is not None:
-        print(f"resume error: {run_dir} already has checkpoints; continue it with `strata train --resume {run_dir}`")
+        print(f"resume error: {run_dir} already has checkpoints; continue it with `strata train --resume {run_dir}`", file=sys.stderr)
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")

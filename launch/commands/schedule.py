@@ -8,6 +8,7 @@ With `--mixture` it also plots the `data.mixture` source weights over steps (dat
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from data_pipeline.mixture import MixtureSchedule
@@ -144,12 +145,12 @@ def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
 
 def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps <= 0:
-        print("config error: --steps: must be > 0")
+        print("config error: --steps: must be > 0", file=sys.stderr)
         return 2
     try:
         schedule = schedule_from_config(args.config, args.overrides, args.steps, args.current_lr)
     except ConfigError as err:
-        print(f"config error: {err}")
+        print(f"config error: {err}", file=sys.stderr)
         return 2
     out = args.out or f"{Path(args.config).stem}_schedule.png"
     path = plot_schedule(schedule, out)
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             names, mixture, total = mixture_from_config(args.config, args.overrides, args.steps)
         except ConfigError as err:
-            print(f"config error: {err}")
+            print(f"config error: {err}", file=sys.stderr)
             return 2
         mixture_path = plot_mixture(
             names, mixture, total, path.with_name(f"{path.stem}_mixture.png")

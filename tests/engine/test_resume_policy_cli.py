@@ -67,7 +67,7 @@ def test_resume_without_a_config_continues_everything_by_default(tiny_corpus, so
     assert saved.continual.data == "continue" and saved.continual.optimizer == "keep"
     # a second `resume` into the same run is refused: it has its own checkpoints now
     assert main(["resume", str(source_copy.step_dir), "--steps", "2"]) == 2
-    assert "already has checkpoints" in capsys.readouterr().out
+    assert "already has checkpoints" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -48,10 +48,10 @@ def test_plot_reports_config_errors(tmp_path, capsys):
     )
     args = _parse(["schedule", "plot", str(config), "--out", str(tmp_path / "x.png")])
     assert args.func(args) == 2
-    assert "schedule.warmup_steps" in capsys.readouterr().out
+    assert "schedule.warmup_steps" in capsys.readouterr().err
     args = _parse(["schedule", "plot", str(config), "--set", "schedule.cooldown_end=0.5"])
     assert args.func(args) == 2
-    assert "cooldown_end" in capsys.readouterr().out
+    assert "cooldown_end" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -69,8 +69,8 @@ def test_generate_text_with_the_run_tokenizer(tmp_path, capsys):
 def test_generate_errors_are_one_line_exit_2(tmp_path, capsys):
     run_dir, _ = write_run(tmp_path, "gla", with_tokenizer=False)
     assert call(run_dir, "--prompt", "hello") == 2
-    assert "--tokenizer" in capsys.readouterr().out
+    assert "--tokenizer" in capsys.readouterr().err  # errors on stderr
     assert call(run_dir, "--ids", "--prompt", "1,x") == 2
     assert call(run_dir, "--ids", "--prompt", "999") == 2
-    assert "outside the vocabulary" in capsys.readouterr().out
+    assert "outside the vocabulary" in capsys.readouterr().err
     assert call(tmp_path / "nowhere", "--ids", "--prompt", "1") == 2

@@ -212,7 +212,7 @@ def test_export_command_from_a_strata_checkpoint(tmp_path, capsys):
     assert args.func(args) == 0
     assert (out / SAFE_INDEX).is_file() and (out / "tokenizer.json").is_file()
     assert args.func(args) == 2  # OUT exists: refused without --overwrite
-    assert "--overwrite" in capsys.readouterr().out
+    assert "--overwrite" in capsys.readouterr().err
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -304,7 +304,7 @@ def test_import_hf_command_starts_a_run_from_hf_weights(tmp_path, capsys):
         assert torch.equal(tensor, back[name]), name
     assert resolve_checkpoint(run_dir).name == "step_00000002"  # it trained
     assert args.func(args) == 2  # a second import into the same run is refused
-    assert "--resume" in capsys.readouterr().out
+    assert "--resume" in capsys.readouterr().err
 
     clash = parser.parse_args(
         [
