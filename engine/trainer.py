@@ -9,7 +9,6 @@ runs at different topologies follow the same curve.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.manifest import write_json_atomic
 from engine.checkpoint import Checkpointer
 from engine.config import StrataConfig, dump_config
 from engine.continual import resolve_continual, run_schedule, start_continual_run
@@ -363,8 +363,19 @@ class Trainer:
         elapsed = time.perf_counter() - run_start
         result = TrainResult(exit_code, self.step, self.tokens_seen, loss, val, run_tokens / max(elapsed, 1e-9))
         if ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(result.__dict__, indent=1))
+            write_json_atomic(self.run_dir / "summary.json", result.__dict__)
+            print(self._closing_line(result), flush=True)
         return result
+
+    def _closing_line(self, result: TrainResult) -> str:
+        """Where the run stands and where its outputs are (printed once, by rank 0)."""
+        how = {0: "finished", REQUEUE_EXIT_CODE: "stopped for a requeue", DIVERGED_EXIT_CODE: "diverged"}
+        state = how.get(result.exit_code, f"ended with exit code {result.exit_code}")
+        val = result.val or {}
+        scores = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
+        scores += f" ({val['val_bpb']:.3f} bits/byte)" if "val_bpb" in val else ""
+        return (f"run {state} at step {result.step:,} ({result.tokens_seen:,} tokens){scores}; outputs in "
+                f"{self.run_dir}/ (config.yaml, metrics.jsonl, report.png, tb/, checkpoints/); `strata report {self.run_dir}`")
 
     def _wandb_options(self) -> dict | None:
         log = self.cfg.logging

@@ -112,7 +112,9 @@ def test_divergence_stops_without_checkpointing_the_bad_state(tiny_corpus, tmp_p
     poison(trainer, {3, 4, 5})
     result = trainer.fit()
     assert result.exit_code == DIVERGED_EXIT_CODE and result.step == 4
-    assert "training diverged: step 5: 2 steps in a row skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training diverged: step 5: 2 steps in a row skipped" in out
+    assert "run diverged at step 4 " in out and f"outputs in {tmp_path / 'run'}/" in out
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000003"  # the last good one
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["exit_code"] == DIVERGED_EXIT_CODE
