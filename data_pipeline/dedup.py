@@ -10,7 +10,8 @@ duplicates) and the provenance. Writing the kept documents is convert.write_docu
 Design notes. It works on token ids, after `prepare` and before `select`/`decompose`: any format,
 no tokenizer, and what it compares is exactly what training sees. Exact hashing is hashlib's
 blake2b: on the stdlib corpus (9M tokens) hashing every document takes 0.03 s, reading them
-0.13 s, so xxhash would buy nothing measurable. For MinHash, each n-gram of token ids is folded
+0.13 s (benchmarks/dedup_throughput.py: ~200M tokens/s in all), so xxhash would buy nothing
+measurable. For MinHash, each n-gram of token ids is folded
 into one 32-bit value by a vectorized numpy hash (no Python loop per shingle, no sha1 over
 bytes); datasketch's `update_batch` then applies its "affine32" scheme (MurmurHash3 pre-mix,
 `a*h+b mod 2^32` permutations) to a document's distinct values in blocks. `update_batch` still
@@ -22,7 +23,7 @@ minhash method first drops exact duplicates (cheaper, and labelled as such); doc
 than the n-gram are compared exactly only. --workers N counts this process: N - 1 helpers are
 spawned (as in `prepare`), each ~1 s of start-up (interpreter, this module, datasketch's scipy
 import), and this process fingerprints ranges itself meanwhile, between its decisions; exact
-hashing starts no helper below 16M tokens. Memory in the deciding
+hashing starts no helper below 256M tokens. Memory in the deciding
 process: one dict entry per distinct document digest and one signature (num_perm * 4 bytes)
 per kept document.
 """
@@ -65,9 +66,10 @@ DIGEST_BYTES = 16  # blake2b digest size: 128 bits
 MINHASH_SCHEME = "affine32"  # datasketch's default permutation scheme (uint32 hash values)
 DEFAULT_NGRAM, DEFAULT_NUM_PERM, DEFAULT_THRESHOLD, DEFAULT_SEED = 5, 128, 0.8, 1
 SHINGLE_BLOCK = 8192  # shingles per update_batch call: bounds the [block, num_perm] temporaries
-# tokens a worker task covers (min, max) per method: exact hashing runs at ~50M tokens/s in one
-# process, so it starts worker processes (~1 s each to spawn and import) only for large sets
-TASK_TOKENS = {"exact": (1 << 24, 1 << 26), "minhash": (1 << 16, 1 << 22)}
+# tokens a worker task covers (min, max) per method: exact hashing runs at ~200M tokens/s in one
+# process (page-cached shards), so it starts helpers (~0.3-1 s each to spawn and import) only
+# above 256M tokens; minhash runs at ~4M tokens/s and starts them at once
+TASK_TOKENS = {"exact": (1 << 28, 1 << 30), "minhash": (1 << 16, 1 << 22)}
 TASK_DOCS = 20_000  # ... and at most this many documents
 
 # 64-bit mixing constants (golden ratio; splitmix64's finalizer)

@@ -149,7 +149,7 @@ def test_ranges_cover_every_document_once_in_order():
         ranges = document_ranges(lengths, workers, "minhash")
         assert ranges[0][0] == 0 and ranges[-1][1] == len(lengths)
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(ranges, ranges[1:], strict=False))
-    # exact hashing is too cheap to spread 7M tokens over processes
+    # exact hashing is too cheap to spread 7.5M tokens over processes
     assert document_ranges(lengths, 2, "exact") == [(0, len(lengths))]
     assert document_ranges(np.zeros(0, np.int64), 2) == []
 
