@@ -15,14 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.config import DataConfig
 from engine.continual import ContinualConfig
+from engine.errors import ConfigError  # re-exported: `from engine.config import ConfigError` works
 from engine.schedules import ScheduleConfig
 from models.config import ModelConfig
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line naming the field path."""
 
 
 class OptimConfig(BaseModel):

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 import sys
 
-from engine.config import ConfigError
+from engine.errors import ConfigError  # not engine.config: building the parser stays torch-free
 
 DESCRIPTION = """Strata: a distributed pretraining engine for Llama-style and GLA language models.
 

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from launch.arguments import non_negative_int, positive_int
 
 
@@ -107,6 +105,8 @@ def _check_shardset(what: str, path: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from data_pipeline.formats import open_shardset
     from engine.config import ConfigError
     from engine.downstream import prepare_tasks, score_task

@@ -11,7 +11,7 @@ import argparse
 import re
 import sys
 
-from engine.export import DEFAULT_MAX_SHARD_BYTES, DTYPES, export_hf
+DTYPE_NAMES = ("bfloat16", "float16", "float32")  # engine.export.DTYPES' keys, without importing torch
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -51,11 +51,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--hf", required=True, metavar="OUT", help="output directory")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: as stored)"
+        "--dtype", choices=DTYPE_NAMES, default=None, help="cast weights (default: as stored)"
     )
     parser.add_argument(
         "--max-shard-size",
-        default=str(DEFAULT_MAX_SHARD_BYTES),
+        default=None,
         help="largest safetensors file before sharding (e.g. 5GB, 500MB; default 5GiB)",
     )
     parser.add_argument(
@@ -66,8 +66,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.export import DEFAULT_MAX_SHARD_BYTES, export_hf
+
     try:
-        max_shard = parse_size(args.max_shard_size)
+        max_shard = DEFAULT_MAX_SHARD_BYTES if args.max_shard_size is None else parse_size(args.max_shard_size)
         out = export_hf(
             args.checkpoint,
             args.hf,

@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -64,6 +62,8 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from engine.export import build_model_from_checkpoint
     from models.generate import generate
 

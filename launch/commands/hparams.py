@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.hparams import parse_count, step_law
 from launch.arguments import positive_int
 
 
@@ -30,6 +29,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.hparams import step_law
+
     try:
         n_params = _count("--params", args.params)
         n_tokens = _count("--tokens", args.tokens)
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _count(flag: str, text: str) -> float:
+    from engine.hparams import parse_count
+
     try:
         return parse_count(text)
     except ValueError as err:

@@ -15,10 +15,13 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.config import ConfigError, StrataConfig, apply_overrides, load_config, read_yaml
+from engine.errors import ConfigError
 from launch.arguments import add_set_argument
+
+if TYPE_CHECKING:
+    from engine.config import StrataConfig
 
 # ModelConfig fields fixed by the HF checkpoint (the rest, e.g. attn_backend, z_loss, max_seq_len, stay the config's).
 ARCHITECTURE_FIELDS = (
@@ -80,6 +83,8 @@ def merge_hf_architecture(tree: dict[str, Any], hf_dir: str | Path) -> dict[str,
 def import_config(
     hf_dir: str, config: str | None, overrides: list[str], run_dir: str | None
 ) -> StrataConfig:
+    from engine.config import apply_overrides, load_config, read_yaml
+
     tree = apply_overrides(read_yaml(config) if config else {}, overrides)
     if run_dir is not None:
         tree = apply_overrides(tree, [f"train.run_dir={run_dir}"])

@@ -15,17 +15,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.config import (
-    ConfigError,
-    StrataConfig,
-    apply_overrides,
-    dump_config,
-    load_config,
-    read_yaml,
-)
+from engine.errors import ConfigError
 from launch.arguments import add_set_argument
+
+if TYPE_CHECKING:
+    from engine.config import StrataConfig
 
 EPILOG = """policy defaults (a flag beats NEW.yaml's `continual:` section, which beats these):
   optimizer  keep
@@ -88,6 +84,7 @@ def _same_sources(a: dict, b: dict) -> bool:
 
 def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[str]]:
     """The new run's resolved config (policy pinned in `continual:`) and notes on the choices made."""
+    from engine.config import apply_overrides, load_config, read_yaml
     from engine.continual import (
         anneal_schedule,
         default_anneal_run_dir,
@@ -193,6 +190,7 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
 
 
 def _from_hf_config(args: argparse.Namespace, flags: dict[str, Any]) -> StrataConfig:
+    from engine.config import apply_overrides, load_config, read_yaml
     from engine.continual import resolve_continual
     from launch.commands.import_hf import merge_hf_architecture
 
@@ -214,6 +212,7 @@ def _from_hf_config(args: argparse.Namespace, flags: dict[str, Any]) -> StrataCo
 
 def run(args: argparse.Namespace) -> int:
     from engine.checkpoint import latest_checkpoint
+    from engine.config import dump_config
 
     cfg, notes = build_resume_config(args)
     run_dir = Path(cfg.train.run_dir)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from data_pipeline.mixture import MixtureSchedule
-from engine.config import ConfigError, apply_overrides, load_config, read_yaml
-from engine.hparams import resolve_auto_hparams
-from engine.report import save_figure
-from engine.schedules import Schedule, build_schedule
+from engine.errors import ConfigError
 from launch.arguments import add_set_argument
+
+if TYPE_CHECKING:
+    from data_pipeline.mixture import MixtureSchedule
+    from engine.schedules import Schedule
 
 MAX_PLOT_POINTS = 4000
 
@@ -47,6 +48,10 @@ def add_parser(subparsers) -> None:
 def schedule_from_config(
     config: str, overrides: list[str], steps: int | None, current_lr: float | None
 ) -> Schedule:
+    from engine.config import apply_overrides, load_config, read_yaml
+    from engine.hparams import resolve_auto_hparams
+    from engine.schedules import build_schedule
+
     tree = apply_overrides(read_yaml(config), overrides)
     try:
         tree, _ = resolve_auto_hparams(tree)
@@ -77,6 +82,7 @@ def mixture_from_config(
     from data_pipeline.formats import open_shardset
     from data_pipeline.loader import source_names
     from data_pipeline.mixture import build_mixture
+    from engine.config import load_config
 
     cfg = load_config(config, overrides)
     if not cfg.data.sources:
@@ -105,6 +111,8 @@ def plot_mixture(
     """Writes each source's weight over [0, total_steps) to `out` (atomically); returns the path."""
     import matplotlib
 
+    from engine.report import save_figure
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -127,6 +135,8 @@ def plot_mixture(
 def plot_schedule(schedule: Schedule, out: str | Path, title: str = "") -> Path:
     """Writes LR over [0, total_steps) to `out` (atomically); returns the path."""
     import matplotlib
+
+    from engine.report import save_figure
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 ROLE_HELP = {
     "prior": "model trained on the pool (pretraining data)",
@@ -152,6 +154,8 @@ def load_scoring_model(checkpoint: str, device: torch.device):
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from data_pipeline.formats.writer import ResumeMismatch
     from data_pipeline.select import select
 

@@ -12,7 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-from engine.config import load_config
 from launch.arguments import add_set_argument, positive_int
 
 EPILOG = """examples:
@@ -113,6 +112,7 @@ def add_parser(subparsers) -> None:
 
 def _run_dir(args: argparse.Namespace) -> tuple[list[str], str]:
     """(the user's overrides + one absolute train.run_dir, that run dir); validates the config."""
+    from engine.config import load_config
     from launch.slurm import ARRAY_PLACEHOLDER
 
     # array elements substitute their index later; validate with element 0
@@ -127,11 +127,15 @@ def _run_dir(args: argparse.Namespace) -> tuple[list[str], str]:
 
 
 def _default_launcher(config_path: str) -> str:
+    from engine.config import load_config
+
     cfg = load_config(config_path)
     return cfg.launch.launcher if cfg.launch.launcher in ("ray", "slurm") else "ray"
 
 
 def run(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+
     launcher = args.launcher or _default_launcher(args.config)
     config = str(Path(args.config).absolute())
     overrides, run_dir = _run_dir(args)
