@@ -49,7 +49,8 @@ def artifact_kind(path: str | Path) -> tuple[str, Path, dict[str, Any]]:
     if root.is_file() and root.name == MANIFEST_NAME:
         root = root.parent
     if not root.is_dir():
-        raise NotAnArtifact(f"{path}: no such directory; {EXPECTED}")
+        what = "a file, not a directory" if root.exists() else "no such directory"
+        raise NotAnArtifact(f"{path}: {what}; {EXPECTED}")
     if not (root / MANIFEST_NAME).is_file():
         inside = sorted(c.name for c in root.iterdir() if (c / MANIFEST_NAME).is_file())
         hint = f" (it holds some: {', '.join(inside)})" if inside else ""

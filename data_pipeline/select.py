@@ -575,7 +575,7 @@ def select(
                 "selection": selection,
             },
             progress=progress,
-            label=f"select {method.name}",
+            label=f"select {method.name} write",
         )
         shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
         scores.save(tmp / SCORES_NAME)

@@ -8,6 +8,7 @@ and torch, which loader workers should not pay; tests check it against `IndexedD
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
 from pathlib import Path
@@ -45,13 +46,10 @@ class MegatronFormat:
         dtype: np.dtype,
         compression: str | None,
     ) -> dict[str, Any]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Transformer Engine and Apex are not installed"
-            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+        builder_class = _indexed_dataset_builder()
         prefix = shard_prefix(shard_index)
         stored = storage_dtype(dtype)
-        builder = IndexedDatasetBuilder(str(directory / f"{prefix}.bin"), dtype=stored.type)
+        builder = builder_class(str(directory / f"{prefix}.bin"), dtype=stored.type)
         for doc in docs:
             builder.add_document(doc.astype(stored, copy=False), [len(doc)])
         builder.finalize(str(directory / f"{prefix}.idx"))
@@ -95,3 +93,19 @@ class MegatronShardSet(ShardSet):
         count = int(self.lengths[doc_id])
         tokens = np.frombuffer(data, stored, count=count, offset=int(pointers[index]))
         return tokens.astype(self.dtype, copy=True)
+
+
+def _indexed_dataset_builder() -> type:
+    """megatron-core's builder class, imported without the noise it makes on a CPU machine: its
+    "Transformer Engine and Apex are not installed" UserWarnings, and the "No CUDA runtime is
+    found" line torch.utils.cpp_extension logs when megatron-core imports it."""
+    cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension_log.level
+    cpp_extension_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    finally:
+        cpp_extension_log.setLevel(level)
+    return IndexedDatasetBuilder

@@ -8,8 +8,11 @@ its continuation; `--ids` works on token ids instead of text (no tokenizer neede
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+
+from launch.arguments import non_negative_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -29,13 +32,13 @@ def add_parser(subparsers) -> None:
         "--ids", action="store_true", help="prompt and output are token ids, not text"
     )
     parser.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)"
+        "--max-new-tokens", type=non_negative_int, default=64, help="tokens to generate at most (default 64)"
     )
     parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+        "--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
     parser.add_argument(
-        "--top-k", type=int, default=None, help="sample from the k most likely tokens only"
+        "--top-k", type=positive_int, default=None, help="sample from the k most likely tokens only"
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
@@ -49,6 +52,17 @@ def add_parser(subparsers) -> None:
         help="where to run (auto: cuda if available)",
     )
     parser.set_defaults(func=run)
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0 (a sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _parse_ids(text: str) -> list[int]:

@@ -61,8 +61,8 @@ def merge_hf_architecture(tree: dict[str, Any], hf_dir: str | Path) -> dict[str,
 
     try:
         hf_model = read_hf_model_config(hf_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"{hf_dir}: {err}") from None
+    except (FileNotFoundError, ValueError) as err:  # the message already names HF_DIR or its config.json
+        raise ConfigError(str(err)) from None
     user_model = dict(tree.get("model") or {})
     for field in ARCHITECTURE_FIELDS:
         if field not in user_model:
