@@ -1,12 +1,15 @@
 """`strata demo`: the main job end to end on the Python standard library's source.
 
 Prepares the built-in corpus (resumable; reused when present), trains configs/demo.yaml,
-evaluates, and prints a summary that compares the model's bits per byte with gzip -9.
+evaluates, and prints a summary that compares the model's bits per byte with gzip -9. The demo
+owns its run directory: a re-run moves the last one aside (<run_dir>.previous) and starts fresh.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +39,26 @@ def prepare_corpus(data_dir: Path) -> None:
     from data_pipeline.builtin import build_stdlib_corpus
 
     build_stdlib_corpus(data_dir)
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Renames an existing `run_dir` to its sibling `<name>.previous` (replacing an older one)
+    and returns that path; None when there is no previous run. The rename is atomic; a crash
+    mid-way leaves `run_dir` as it was."""
+    if not os.path.lexists(run_dir):
+        return None
+    previous = run_dir.with_name(f"{run_dir.name}.previous")
+    trash = None
+    if os.path.lexists(previous):  # a directory cannot be renamed over a non-empty one
+        trash = previous.with_name(f"{previous.name}.deleting-{os.getpid()}")
+        os.replace(previous, trash)
+    os.replace(run_dir, previous)
+    if trash is not None:
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+    return previous
 
 
 def val_texts(val_path: Path) -> list[str]:
@@ -68,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         *args.overrides,
     ]
     cfg = load_config(args.config, overrides)
+    run_dir = Path(cfg.train.run_dir)
+    previous = set_aside_previous_run(run_dir)
+    if previous is not None:  # else it would train over the last demo, appending to its metrics.jsonl
+        print(f"demo: moved the previous demo run {run_dir} to {previous}; training from scratch", flush=True)
     if args.launcher == "ray":
         from launch.ray_launcher import submit_ray
 
