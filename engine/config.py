@@ -11,12 +11,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from data_pipeline.config import DataConfig
 from engine.continual import ContinualConfig
 from engine.errors import ConfigError  # re-exported: `from engine.config import ConfigError` works
-from engine.schedules import ScheduleConfig
+from engine.schedules import ScheduleConfig, build_schedule
 from models.config import ModelConfig
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
@@ -159,15 +167,41 @@ class StrataConfig(BaseModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_schedule_fits(self, info: ValidationInfo) -> StrataConfig:
+        """A schedule that cannot run (say schedule.warmup_steps > train.steps) fails at load,
+        naming schedule.<field>, not when the ranks start: it is built over the steps that
+        engine.continual.run_schedule will build it over.
+
+        Not checked where this config does not fix the schedule yet: a continual run before
+        resolve_continual pins its start step (which then builds the schedule itself, after the
+        assignment that re-runs this validator: info.field_name), schedule=continue (the source's
+        schedule runs), a start step at or past train.steps (run_schedule names train.steps). A
+        rewarm from the "current" LR with none pinned gets optim.lr as a stand-in: boundaries do
+        not depend on it (`strata resume` loads such configs before the LR is known).
+        """
+        policy = self.continual
+        if info.field_name is not None or policy.source_schedule is not None:
+            return self
+        if policy.active and not policy.resolved:
+            return self
+        start = policy.start_step or 0
+        if self.train.steps <= start:
+            return self
+        current_lr = self.optim.lr if policy.current_lr is None else policy.current_lr
+        build_schedule(self.schedule, self.optim.lr, self.train.steps - start, start_step=start, current_lr=current_lr)
+        return self
+
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    path = ".".join(str(p) for p in first["loc"]) or "<root>"
+    path = ".".join(str(p) for p in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{path}: {message}{more}"
+    # a whole-config check (no loc) names its fields itself, e.g. "schedule.warmup_steps: ..."
+    return f"{path}: {message}{more}" if path else f"{message}{more}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -57,12 +57,18 @@ def schedule_from_config(
         tree, _ = resolve_auto_hparams(tree)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    cfg = load_config(tree)
-    total = steps if steps is not None else cfg.train.steps
+    # --steps after Step Law (`auto` uses the config's train.steps): the schedule is checked over it
+    cfg = load_config(tree, _steps_override(steps))
+    total = cfg.train.steps
     try:
         return build_schedule(cfg.schedule, float(cfg.optim.lr), total, current_lr=current_lr)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+
+
+def _steps_override(steps: int | None) -> list[str]:
+    """`--steps N` as the override it stands for: the schedule spans N steps, not train.steps."""
+    return [] if steps is None else [f"train.steps={steps}"]
 
 
 def sampled_steps(schedule: Schedule, max_points: int = MAX_PLOT_POINTS) -> list[int]:
@@ -84,10 +90,10 @@ def mixture_from_config(
     from data_pipeline.mixture import build_mixture
     from engine.config import load_config
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, [*overrides, *_steps_override(steps)])
     if not cfg.data.sources:
         raise ConfigError("data.sources: --mixture needs at least one source")
-    total = steps if steps is not None else cfg.train.steps
+    total = cfg.train.steps
     counts = []
     for k, source in enumerate(cfg.data.sources):
         try:

@@ -81,3 +81,54 @@ def test_every_shipped_preset_validates(preset):
     overrides = ["continual.source=runs/demo"] if preset.name.startswith("continual_") else []
     cfg = load_config(preset, overrides)
     assert cfg.model.family in ("llama", "gla")
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    (["train.steps=100", "schedule.warmup_steps=500"], "schedule.warmup_steps: 500 steps exceeds the schedule's 100 steps"),
+    (["train.steps=100", "schedule.name=wsd", "schedule.warmup_steps=60", "schedule.decay_steps=50"], "schedule.decay_steps:"),
+])
+def test_a_schedule_that_cannot_run_fails_at_load_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert str(err.value).startswith(field)
+
+
+def test_cli_reports_the_schedule_field_before_anything_starts(tmp_path, capsys):
+    config = write(tmp_path, "train:\n  steps: 10\nschedule:\n  warmup_steps: 20\n")
+    assert main(["submit", str(config), "--launcher", "local"]) == 2
+    assert capsys.readouterr().err.strip() == "config error: schedule.warmup_steps: 20 steps exceeds the schedule's 10 steps"
+
+
+def test_a_resolved_continual_config_is_checked_from_its_start_step():
+    """A pinned continual run's schedule spans [start_step, train.steps), as run_schedule builds it."""
+    resolved = {
+        "train": {"steps": 100},
+        "schedule": {"name": "rewarm", "start_lr": "current", "warmup_steps": 10},
+        "continual": {"source": "runs/src", "start_step": 60, "current_lr": 1e-3},
+    }
+    assert load_config(resolved).continual.start_step == 60
+    with pytest.raises(ConfigError, match=r"^schedule.warmup_steps: 50 steps exceeds the schedule's 40 steps"):
+        load_config(resolved, ["schedule.warmup_steps=50"])
+    source_schedule = {"train": {"steps": 100}, "schedule": {"warmup_steps": 500},  # not this run's schedule
+                       "continual": {"source": "runs/src", "schedule": "continue", "start_step": 60,
+                                     "source_schedule": {"kind": "the source's state"}}}
+    assert load_config(source_schedule).continual.schedule == "continue"
+
+
+def test_resolving_a_continual_run_still_raises_a_config_error():
+    """resolve_continual pins the start step by assignment, then names the field itself."""
+    from engine.continual import ContinualConfig, run_schedule
+
+    cfg = load_config(None, ["continual.source=runs/src", "train.steps=100", "schedule.warmup_steps=50"])
+    cfg.continual = ContinualConfig(source="runs/src", start_step=60, current_lr=1e-3)
+    with pytest.raises(ConfigError, match=r"^schedule.warmup_steps: 50 steps exceeds the schedule's 40 steps"):
+        run_schedule(cfg, cfg.optim.lr)
+
+
+def test_schedule_plot_steps_is_the_length_the_schedule_is_checked_over(tmp_path):
+    from launch.commands.schedule import schedule_from_config
+
+    config = write(tmp_path, "train:\n  steps: 10\nschedule:\n  warmup_steps: 20\n")
+    assert schedule_from_config(str(config), [], 100, None).total_steps == 100
+    with pytest.raises(ConfigError, match=r"^schedule.warmup_steps: 20 steps exceeds the schedule's 10 steps"):
+        schedule_from_config(str(config), [], None, None)
