@@ -110,8 +110,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _run_dir(args: argparse.Namespace) -> tuple[list[str], str]:
-    """(the user's overrides + one absolute train.run_dir, that run dir); validates the config."""
+def _run_dir(args: argparse.Namespace):
+    """(the user's overrides + one absolute train.run_dir, that run dir, the config they give);
+    validates the config with every override (array elements: element 0's)."""
     from engine.config import load_config
     from launch.slurm import ARRAY_PLACEHOLDER
 
@@ -123,28 +124,19 @@ def _run_dir(args: argparse.Namespace) -> tuple[list[str], str]:
         probe.append(f"train.run_dir={args.resume}")
     cfg = load_config(args.config, probe)
     run_dir = str(Path(cfg.train.run_dir).expanduser().absolute())
-    return [*args.overrides, f"train.run_dir={run_dir}"], run_dir
-
-
-def _default_launcher(config_path: str) -> str:
-    from engine.config import load_config
-
-    cfg = load_config(config_path)
-    return cfg.launch.launcher if cfg.launch.launcher in ("ray", "slurm") else "ray"
+    return [*args.overrides, f"train.run_dir={run_dir}"], run_dir, cfg
 
 
 def run(args: argparse.Namespace) -> int:
-    from engine.config import load_config
-
-    launcher = args.launcher or _default_launcher(args.config)
+    overrides, run_dir, cfg = _run_dir(args)
+    launcher = args.launcher or (cfg.launch.launcher if cfg.launch.launcher in ("ray", "slurm") else "ray")
     config = str(Path(args.config).absolute())
-    overrides, run_dir = _run_dir(args)
     if args.resume is None and not (launcher == "slurm" and (args.array or args.dry_run)):
         # a new run: never on top of another one's checkpoints
         from engine.entry import check_new_run_dir
 
         check_new_run_dir(run_dir)
-    nproc_default = load_config(args.config, [o for o in overrides if o.startswith("launch.")]).launch.nproc
+    nproc_default = cfg.launch.nproc
     try:
         if launcher == "local":
             return _run_local(args, config, overrides, nproc_default)

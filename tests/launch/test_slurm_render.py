@@ -159,6 +159,10 @@ def test_submit_dry_run_prints_the_script(corpus, tmp_path, monkeypatch, capsys)
     _bash_syntax_ok(out)
     assert strata_main(["submit", str(config), "--launcher", "slurm", "--dry-run", "--partition", "a;b"]) == 2
     assert "--partition" in capsys.readouterr().err
+    # the config is judged with the --set values: a schedule that only fits the overridden steps is fine
+    long_warmup = write_config(tmp_path / "warm.yaml", tiny_config(corpus, tmp_path / "run", schedule={"warmup_steps": 20}))
+    argv = ["submit", str(long_warmup), "--dry-run", "--set", "train.steps=40", "--set", "launch.launcher=slurm"]
+    assert strata_main(argv) == 0 and capsys.readouterr().out.startswith("#!/bin/bash")
 
 
 def test_submit_help_documents_every_flag(capsys):
