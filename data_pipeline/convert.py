@@ -3,28 +3,76 @@
 Same documents, same order, same counts; new shards, a new manifest whose provenance names the
 parent manifest's sha256. Resumable like `prepare` (it uses the same ShardSetWriter).
 `write_documents` (a chosen list of a parent's documents -> a ShardSet) is also the writing path
-of `select`.
+of `select` and `dedup`, through `derived_shardset` (a subset, built whole in a temp sibling).
 """
 
 from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from data_pipeline.formats import ShardSet, open_shardset
-from data_pipeline.formats.writer import ShardSetWriter, check_writable, parse_size
+from data_pipeline.formats.writer import STATE_DIR, ShardSetWriter, check_writable, parse_size
 from data_pipeline.manifest import (
     MANIFEST_NAME,
     TOKENIZER_NAME,
+    building_dir,
     manifest_sha256,
     provenance_parent_paths,
     read_manifest,
     write_json_atomic,
 )
 from data_pipeline.prepare import ProgressLine, build_manifest, clear_output_dir
+
+
+@contextmanager
+def derived_shardset(
+    parent: ShardSet,
+    source: str | Path,
+    doc_ids: Sequence[int],
+    out_dir: Path,
+    format_name: str,
+    *,
+    shard_size_bytes: int,
+    tool: str,
+    record: dict[str, Any],
+    counts: dict[str, Any],
+    progress: bool,
+    label: str,
+) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Writes `doc_ids` of `parent` (read from `source`) as a new ShardSet that appears at
+    `out_dir` all at once when the block ends: yields (the temp directory, the manifest) so the
+    caller can add its side files (scores, duplicate lists). `record` (e.g. {"selection": ...})
+    goes into the provenance and the writer's fingerprint."""
+    parent_sha = manifest_sha256(parent.root)
+    with building_dir(out_dir) as tmp:
+        manifest = write_documents(
+            parent,
+            doc_ids,
+            tmp,
+            format_name,
+            shard_size_bytes=shard_size_bytes,
+            compression=None,
+            fingerprint={"parent_manifest_sha256": parent_sha, **record},
+            counts=counts,
+            options={"shard_size_bytes": shard_size_bytes, "compression": None},
+            provenance={
+                "tool": tool,
+                "parent": parent_sha,
+                "parent_location": str(source),
+                **provenance_parent_paths(source, out_dir),
+                "parent_provenance": parent.manifest.get("provenance"),
+                **record,
+            },
+            progress=progress,
+            label=label,
+        )
+        shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
+        yield tmp, manifest
 
 
 def write_documents(

@@ -34,7 +34,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import threading
 from collections import deque
@@ -47,14 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.convert import write_documents
+from data_pipeline.convert import derived_shardset
 from data_pipeline.formats import ShardSet, open_shardset
-from data_pipeline.formats.writer import STATE_DIR, parse_size
+from data_pipeline.formats.writer import parse_size
 from data_pipeline.manifest import (
-    building_dir,
     check_output_dir,
     manifest_sha256,
-    provenance_parent_paths,
 )
 from data_pipeline.prepare import ProgressLine, _exit_with_parent
 
@@ -539,34 +536,24 @@ def dedup(
             short_documents=d.short_documents,
         )
     rejected = {reason: n for reason, n in counts["dropped_by_reason"].items() if n}
-    with building_dir(out_dir) as tmp:
-        manifest = write_documents(
-            parent,
-            kept,
-            tmp,
-            format_name,
-            shard_size_bytes=shard_size_bytes,
-            compression=None,
-            fingerprint={"parent_manifest_sha256": parent_sha, "dedup": params.describe()},
-            counts={
-                "documents": len(kept),
-                "tokens": counts["tokens_kept"],
-                "input_records": len(parent),
-                "rejected": rejected,
-            },
-            options={"shard_size_bytes": shard_size_bytes, "compression": None},
-            provenance={
-                "tool": f"strata dedup {params.method}",
-                "parent": parent_sha,
-                "parent_location": str(source),
-                **provenance_parent_paths(source, out_dir),
-                "parent_provenance": parent.manifest.get("provenance"),
-                "dedup": record,
-            },
-            progress=progress,
-            label=f"dedup {params.method} write",
-        )
-        shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
+    with derived_shardset(
+        parent,
+        source,
+        kept,
+        out_dir,
+        format_name,
+        shard_size_bytes=shard_size_bytes,
+        tool=f"strata dedup {params.method}",
+        record={"dedup": record},
+        counts={
+            "documents": len(kept),
+            "tokens": counts["tokens_kept"],
+            "input_records": len(parent),
+            "rejected": rejected,
+        },
+        progress=progress,
+        label=f"dedup {params.method} write",
+    ) as (tmp, manifest):
         save_duplicates(
             tmp / DUPLICATES_NAME,
             result,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,14 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_pipeline.convert import write_documents
+from data_pipeline.convert import derived_shardset
 from data_pipeline.formats import ShardSet, open_shardset
-from data_pipeline.formats.writer import STATE_DIR, parse_size
+from data_pipeline.formats.writer import parse_size
 from data_pipeline.manifest import (
-    building_dir,
     check_output_dir,
     manifest_sha256,
-    provenance_parent_paths,
 )
 from data_pipeline.packing import IGNORE_INDEX
 from data_pipeline.prepare import ProgressLine
@@ -552,32 +549,19 @@ def select(
             "threshold": float(scores.score[kept].min()) if len(kept) else None,
         },
     }
-    with building_dir(out_dir) as tmp:
-        manifest = write_documents(
-            parent,
-            kept,
-            tmp,
-            format_name,
-            shard_size_bytes=shard_size_bytes,
-            compression=None,
-            fingerprint={"parent_manifest_sha256": parent_sha, "selection": selection},
-            counts={
-                "documents": len(kept),
-                "tokens": int(np.asarray(parent.lengths)[kept].sum()),
-            },
-            options={"shard_size_bytes": shard_size_bytes, "compression": None},
-            provenance={
-                "tool": f"strata select {method.name}",
-                "parent": parent_sha,
-                "parent_location": str(source),
-                **provenance_parent_paths(source, out_dir),
-                "parent_provenance": parent.manifest.get("provenance"),
-                "selection": selection,
-            },
-            progress=progress,
-            label=f"select {method.name} write",
-        )
-        shutil.rmtree(tmp / STATE_DIR)  # not resumable: the whole directory appears at once
+    with derived_shardset(
+        parent,
+        source,
+        kept,
+        out_dir,
+        format_name,
+        shard_size_bytes=shard_size_bytes,
+        tool=f"strata select {method.name}",
+        record={"selection": selection},
+        counts={"documents": len(kept), "tokens": int(np.asarray(parent.lengths)[kept].sum())},
+        progress=progress,
+        label=f"select {method.name} write",
+    ) as (tmp, manifest):
         scores.save(tmp / SCORES_NAME)
     if progress:
         print(
