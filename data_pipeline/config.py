@@ -70,6 +70,14 @@ class DecompositionConfig(BaseModel):
     )
 
 
+def check_metric_names(named: dict[str, str], what: str) -> dict[str, str]:
+    """Names that become metric suffixes (`val_loss/NAME`): non-empty, no '/', no outer spaces."""
+    for name in named:
+        if not name or "/" in name or name != name.strip():
+            raise ValueError(f"{what} name {name!r}: non-empty, no '/', no surrounding spaces")
+    return named
+
+
 class DataConfig(BaseModel):
     model_config = STRICT
 
@@ -95,10 +103,7 @@ class DataConfig(BaseModel):
     @field_validator("val_sets")
     @classmethod
     def _val_set_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not name or "/" in name or name != name.strip():
-                raise ValueError(f"val set name {name!r}: non-empty, no '/', no surrounding spaces")
-        return value
+        return check_metric_names(value, "val set")
 
     @field_validator("decomposition")
     @classmethod

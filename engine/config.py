@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from data_pipeline.config import DataConfig
+from data_pipeline.config import DataConfig, check_metric_names
 from engine.continual import ContinualConfig
 from engine.errors import ConfigError  # re-exported: `from engine.config import ConfigError` works
 from engine.schedules import ScheduleConfig, build_schedule
@@ -71,10 +71,7 @@ class TrainConfig(BaseModel):
     @field_validator("eval_tasks")
     @classmethod
     def _eval_task_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not name or "/" in name or name != name.strip():
-                raise ValueError(f"task name {name!r}: non-empty, no '/', no surrounding spaces")
-        return value
+        return check_metric_names(value, "task")
 
 
 class ParallelConfig(BaseModel):
