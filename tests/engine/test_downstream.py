@@ -284,6 +284,6 @@ def test_strata_eval_task_flag(fsdp_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "task acc / acc_norm" in out and "again" in out
     assert main(["eval", str(run_dir), "--task", f"x={tmp_path / 'nope.jsonl'}"]) == 2
-    assert f"--task x: {tmp_path / 'nope.jsonl'}: no such task file" in capsys.readouterr().out
+    assert f"--task x: {tmp_path / 'nope.jsonl'}: no such task file" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--task", f"x={task}", "--task", f"x={task}"]) == 2
-    assert "given twice" in capsys.readouterr().out
+    assert "given twice" in capsys.readouterr().err
