@@ -178,8 +178,8 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
         run_dir = Path(args.run_dir)
     elif args.anneal is not None:
         run_dir = default_anneal_run_dir(source)
-    elif args.config:
-        run_dir = Path(load_config(tree).train.run_dir)
+    elif args.config:  # judged with this run's length: its schedule must fit the steps it will run
+        run_dir = Path(load_config(apply_overrides(tree, [f"train.steps={start + length}"])).train.run_dir)
     else:
         run_dir = source.run_dir.parent / f"{source.run_dir.name}-resume-{source.step}"
     if run_dir.resolve() == source.run_dir.resolve():

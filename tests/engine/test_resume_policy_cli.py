@@ -171,3 +171,12 @@ def test_context_extension_recipe_merges_the_model_and_trains_longer_rows(tiny_c
     (report,) = json.loads(capsys.readouterr().out)["runs"]
     assert report["continual"]["source"] == str(source.step_dir.resolve())
     assert (report["continual"]["start_step"], report["continual"]["optimizer"]) == (6, "kept")
+
+
+def test_steps_flag_is_what_the_schedule_is_checked_against(tiny_corpus, source, tmp_path):
+    """A schedule whose warmup exceeds the config file's own train.steps but fits --steps N runs."""
+    config = new_config(tiny_corpus, tmp_path, tmp_path / "long", **{"schedule": {**REWARM, "warmup_steps": 20}})
+    argv = ["resume", str(source.run_dir), "--config", str(config), "--steps", "30", "--no-train"]
+    assert main(argv) == 0
+    assert load_config(tmp_path / "long" / "config.yaml").train.steps == 36
+    assert main([*argv[:-3], "--steps", "10", "--no-train", "--run-dir", str(tmp_path / "short")]) == 2
