@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 DIVERGED_EXIT_CODE = 3  # launchers do not restart it: the same data would diverge again
+MIN_SPIKE_RATIO = 1.01  # a spike is also at least 1% above the window's mean
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,7 +67,7 @@ class StepGuard:
         for name, value, history in (("loss", loss, self.losses), ("grad norm", grad_norm, self.grad_norms)):
             mean = sum(history) / len(history)
             std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
-            limit = mean + self.spike_sigma * std
+            limit = max(mean + self.spike_sigma * std, mean * MIN_SPIKE_RATIO)  # std ~ 0 is no licence to skip
             if value > limit:
                 return f"{name} spike {value:.4g} > {limit:.4g} (mean + {self.spike_sigma:g} std of the last {len(history)} steps)"
         return ""

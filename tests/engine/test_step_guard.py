@@ -38,6 +38,14 @@ def test_spike_rule_waits_for_a_full_window_then_skips_outliers():
     assert guard.check(7, 3.0, 1.0).apply and guard.skipped_in_a_row == 0
 
 
+def test_a_flat_window_needs_a_real_jump_to_call_a_spike():
+    guard = StepGuard(spike_sigma=6.0, window=3)
+    for step in (1, 2, 3):
+        guard.check(step, 2.0, 1.0)  # std 0: mean + 6 std is the mean itself
+    assert guard.check(4, 2.0001, 1.0).apply
+    assert not guard.check(5, 2.5, 1.0).apply
+
+
 def test_too_many_skips_in_a_row_raise():
     guard = StepGuard(max_in_a_row=3)
     guard.check(1, math.nan, 1.0)
