@@ -127,7 +127,14 @@ class MDSShardSet(ShardSet):
         # files of an older version of the remote set
         fresh = cache / f".{MANIFEST_NAME}.fresh"
         fresh.unlink(missing_ok=True)
-        _download(_join_remote(remote, MANIFEST_NAME), fresh)
+        try:
+            _download(_join_remote(remote, MANIFEST_NAME), fresh)
+        except Exception as err:  # botocore / gcs / azure / missing file: one message naming the place
+            detail = str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__
+            raise FileNotFoundError(
+                f"{remote}: cannot fetch its {MANIFEST_NAME} ({type(err).__name__}: {detail}); check the "
+                "location and the credentials of its store"
+            ) from None
         if cached is not None and fresh.read_bytes() != cached:
             for child in cache.iterdir():
                 if child.is_file() and child != fresh:

@@ -151,3 +151,10 @@ def test_every_format_is_byte_reproducible(corpus, tmp_path):
                                shard_size="2kb", workers=2, progress=False))
         assert output_files(again) == output_files(first), fmt
         assert manifest["format"] == fmt
+
+
+def test_an_unreachable_remote_names_the_location(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"/nowhere: cannot fetch its manifest.json"):
+        open_shardset(f"file://{tmp_path / 'nowhere'}", cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match=r"s3://strata-no-such-bucket/set: cannot fetch its manifest.json"):
+        open_shardset("s3://strata-no-such-bucket/set", cache_dir=tmp_path / "cache2")
