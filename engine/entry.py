@@ -6,6 +6,7 @@ it never parses command lines and never starts processes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from engine.config import ConfigError, StrataConfig, load_config
@@ -30,8 +31,8 @@ def resolve_config(config: str | Path | dict | StrataConfig | None, overrides: l
 
 
 def check_data_paths(cfg: StrataConfig) -> None:
-    """Every local ShardSet the run reads holds a manifest: a wrong path stops before any work
-    (not at the first eval, steps later), naming the field. Remote (scheme://) paths are left to the loader."""
+    """Every ShardSet the run reads holds a manifest: a wrong path stops before any work (not at
+    the first eval, steps later), naming the field. A remote (scheme://) set's manifest is fetched."""
     from data_pipeline.manifest import MANIFEST_NAME
 
     data = cfg.data
@@ -40,7 +41,16 @@ def check_data_paths(cfg: StrataConfig) -> None:
     fields += [(f"data.val_sets.{name}", path) for name, path in sorted(data.val_sets.items())]
     fields += [("data.decomposition.path", data.decomposition.path)] if data.decomposition else []
     for field, path in fields:
-        if "://" not in path and not (Path(path) / MANIFEST_NAME).is_file():
+        if "://" in path:  # remote MDS: fetching its manifest (cached for the loader) is the check, on rank 0
+            if os.environ.get("RANK", "0") != "0":
+                continue
+            from data_pipeline.formats import open_shardset
+
+            try:
+                open_shardset(path, data.cache_dir)
+            except (FileNotFoundError, ValueError) as err:
+                raise ConfigError(f"{field}: {err}") from None
+        elif not (Path(path) / MANIFEST_NAME).is_file():
             what = "no such directory" if not Path(path).exists() else f"not a ShardSet (no {MANIFEST_NAME})"
             raise ConfigError(f"{field}: {what}: {path}")
 

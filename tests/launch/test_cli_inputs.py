@@ -44,6 +44,7 @@ def test_a_new_run_refuses_a_run_dir_that_holds_another_runs_checkpoints(corpus,
 @pytest.mark.parametrize("override, expected", [
     ("data.val_path={corpus_parent}", "config error: data.val_path: not a ShardSet (no manifest.json): {corpus_parent}"),
     ("data.val_sets={{old: {missing}}}", "config error: data.val_sets.old: no such directory: {missing}"),
+    ("data.val_path=file://{missing}", "config error: data.val_path: {missing}: cannot fetch its manifest.json"),
 ])
 def test_a_data_path_that_is_not_a_shardset_stops_before_training(override, expected, corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
@@ -52,3 +53,4 @@ def test_a_data_path_that_is_not_a_shardset_stops_before_training(override, expe
     assert main(["train", str(config), "--set", override.format(**names)]) == 2
     assert expected.format(**names) in capsys.readouterr().err
     assert not run_dir.exists()  # failed before the trainer made its directory
+
