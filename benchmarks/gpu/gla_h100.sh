@@ -16,6 +16,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+python3 -m launch.cli doctor --json > "$OUT/doctor.json" 2>&1 || true  # GPUs, NCCL, kernels as Strata sees them
 case "$part" in
   kernels)
     timeout 560 python3 benchmarks/gla_kernels.py --device cuda --shapes A --profile --sweep \
