@@ -54,3 +54,17 @@ def tiny_config(corpus: Path, run_dir: Path, **overrides) -> dict:
             node = node.setdefault(part, {})
         node[leaf] = value
     return tree
+
+
+def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 64, max_seq_len: int = 32) -> torch.nn.Module:
+    """A 2-layer dim-32 model of `family`, deterministically initialized, in eval mode."""
+    from models.config import ModelConfig
+    from models.spec import get_spec
+
+    cfg = ModelConfig(family=family, vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len)
+    with torch.device("meta"):
+        model = get_spec(family).build(cfg)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model.eval()

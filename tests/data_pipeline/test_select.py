@@ -33,9 +33,7 @@ from data_pipeline.select import (
 from data_pipeline.tokenizer import train_byte_level_bpe
 from engine.entry import run_training
 from launch.cli import main as strata
-from models.config import ModelConfig
-from models.spec import get_spec
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_model
 
 # --------------------------------------------------------------------------- formula and top-k
 
@@ -116,14 +114,6 @@ class ArrayShardSet:
         return self.docs[doc_id]
 
 
-def tiny_model(family: str, seed: int, window: int = 16) -> torch.nn.Module:
-    cfg = ModelConfig(family=family, vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=window)
-    with torch.device("meta"):
-        model = get_spec(family).build(cfg)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model.eval()
 
 
 def alone_nll(model: torch.nn.Module, tokens: np.ndarray, window: int) -> float:
@@ -143,7 +133,7 @@ def test_packed_nll_equals_scoring_each_document_alone(family):
     window = 16
     lengths = [5, 1, 17, 2, 40, 9, 16, 33, 3, 12, 7, 20]  # short, EOS-only, exactly W+1, multi-window
     data = ArrayShardSet(lengths, vocab_size=64, seed=3)
-    models = [tiny_model(family, seed) for seed in (1, 2)]
+    models = [tiny_model(family, seed, max_seq_len=16) for seed in (1, 2)]
     scoring = [
         ScoringModel(lambda i, p, m=m: m(i, position_ids=p), window, 64, None) for m in models
     ]
@@ -174,7 +164,7 @@ def test_bf16_autocast_scores_close_to_fp32_on_cpu():
         resolve_score_dtype("fp16", "cpu")
     window = 16
     data = ArrayShardSet([5, 17, 40, 9, 3, 12], vocab_size=64, seed=4)
-    model = tiny_model("llama", 1)
+    model = tiny_model("llama", 1, max_seq_len=16)
     scoring = [ScoringModel(model, window, 64, None, hidden_states=model.hidden_states, project=model.project)]
     fp32, _ = score_documents(data, scoring, batch_tokens=2 * window, progress=False)
     bf16, _ = score_documents(data, scoring, batch_tokens=2 * window, dtype=torch.bfloat16, progress=False)

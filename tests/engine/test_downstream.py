@@ -27,21 +27,11 @@ from engine.downstream import (
 )
 from engine.report import read_metrics
 from launch.cli import main
-from models.config import ModelConfig
-from models.spec import get_spec
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, tiny_model
 
 CPU = torch.device("cpu")
 
 
-def tiny_model(family: str = "llama", vocab_size: int = 64, max_seq_len: int = 32, seed: int = 0) -> torch.nn.Module:
-    cfg = ModelConfig(family=family, vocab_size=vocab_size, dim=32, n_layers=2, n_heads=2, max_seq_len=max_seq_len)
-    with torch.device("meta"):
-        model = get_spec(family).build(cfg)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model.eval()
 
 
 def alone(model: torch.nn.Module, ids: list[int], n_continuation: int) -> float:
