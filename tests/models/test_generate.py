@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.config import ModelConfig
 from models.generate import generate, sample_next
-from models.spec import get_spec
+from tests.conftest import tiny_model
 
 
 def build(family: str, seed: int = 0):
-    cfg = ModelConfig(family=family, vocab_size=61, dim=32, n_layers=2, n_heads=2, max_seq_len=64)
-    with torch.device("meta"):
-        model = get_spec(family).build(cfg)
-    model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model.double()
+    return tiny_model(family, seed, vocab_size=61, max_seq_len=64).double()
 
 
 def naive_greedy(model, prompt, n):
