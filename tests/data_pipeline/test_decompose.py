@@ -30,6 +30,28 @@ def _chunks(lengths, min_log2, max_log2):
     ], d
 
 
+
+def decomposition_run(corpus, run_dir, decomposition, steps: int, **extra) -> dict:
+    """The tiny Llama trained on `decomposition` (128 tokens per step, 64 per forward, 1 cycle)."""
+    from tests.conftest import tiny_config
+
+    overrides = {
+        "data.sources": [],
+        "data.decomposition": {
+            "path": str(decomposition),
+            "tokens_per_step": 128,
+            "micro_batch_tokens": 64,
+            "cycles": 1,
+        },
+        "train.steps": steps,
+        "checkpoint.every": 0,
+        "train.eval_batches": 1,
+        "logging.tensorboard": False,
+        **extra,
+    }
+    return tiny_config(corpus, run_dir, **overrides)
+
+
 def test_methods_test_vectors():
     chunks, d = _chunks([1001], 8, 13)  # 1000 tokens + EOS
     assert chunks == [(0, 0, 512), (0, 512, 256)]
@@ -233,7 +255,6 @@ def test_cli_writes_an_index_with_provenance_and_a_short_training_run_varies_len
 ):
     from engine.entry import run_training
     from launch.cli import main
-    from tests.conftest import tiny_config
 
     parent = tmp_path / "train"
     shutil.copytree(tiny_corpus / "train", parent)
@@ -257,24 +278,7 @@ def test_cli_writes_an_index_with_provenance_and_a_short_training_run_varies_len
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err  # refused, left intact
     assert main([*args, "--overwrite"]) == 0
 
-    tree = tiny_config(
-        tiny_corpus,
-        tmp_path / "run",
-        **{
-            "data.sources": [],
-            "data.decomposition": {
-                "path": str(out),
-                "tokens_per_step": 128,
-                "micro_batch_tokens": 64,
-                "cycles": 1,
-            },
-            "train.steps": 5,
-            "checkpoint.every": 0,
-            "checkpoint.save_final": False,
-            "train.eval_batches": 1,
-            "logging.tensorboard": False,
-        },
-    )
+    tree = decomposition_run(tiny_corpus, tmp_path / "run", out, 5, **{"checkpoint.save_final": False})
     assert run_training(tree).exit_code == 0
     records = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -298,7 +302,6 @@ def test_training_resumes_mid_curriculum_and_refuses_rows_longer_than_the_model(
 ):
     from engine.entry import run_training
     from launch.cli import main
-    from tests.conftest import tiny_config
 
     out = tmp_path / "decomposed"
     assert (
@@ -317,23 +320,8 @@ def test_training_resumes_mid_curriculum_and_refuses_rows_longer_than_the_model(
         == 0
     )
 
-    def tree(run_dir, steps, **extra):
-        overrides = {
-            "data.sources": [],
-            "data.decomposition": {
-                "path": str(out),
-                "tokens_per_step": 128,
-                "micro_batch_tokens": 64,
-                "cycles": 1,
-            },
-            "train.steps": steps,
-            "schedule.name": "constant",  # the same learning rates whatever train.steps says
-            "checkpoint.every": 0,
-            "train.eval_batches": 1,
-            "logging.tensorboard": False,
-            **extra,
-        }
-        return tiny_config(tiny_corpus, run_dir, **overrides)
+    def tree(run_dir, steps, **extra):  # constant LR: the same rates whatever train.steps says
+        return decomposition_run(tiny_corpus, run_dir, out, steps, **{"schedule.name": "constant", **extra})
 
     assert run_training(tree(tmp_path / "whole", 4)).exit_code == 0
     assert run_training(tree(tmp_path / "cut", 2)).exit_code == 0
