@@ -1,9 +1,12 @@
-"""Downstream multiple-choice evaluation: each choice scored by the log-probability a causal LM
-gives its tokens after the context; acc and acc_norm as lm-evaluation-harness computes them.
+"""Downstream multiple-choice evaluation as lm-evaluation-harness does it: each choice scored by the
+log-probability a causal LM gives its tokens after the context, tokenized, truncated and turned into
+acc / acc_norm by lm-eval's rules (`encode_task`, `completion_length`, `score_task`).
 
 Owns task files (JSONL), their tokenization and scoring on one or many ranks. Not the model,
 the metrics sinks or the command line: the trainer (train.eval_tasks) and `strata eval --task`
-call in here.
+call in here. Limits: the file holds the full prompt (no few-shot assembly); acc_norm takes
+lm-eval's default target delimiter " " as written at the start of a choice; a choice of no token,
+or of more tokens than the window, skips its item (counted), where lm-eval scores or cuts it.
 """
 
 from __future__ import annotations
@@ -30,17 +33,19 @@ class TaskItem:
     context: str
     choices: tuple[str, ...]
     label: int
+    line: int = 0  # 1-based line in the task file (0: not read from a file)
 
 
 @dataclass
 class EncodedTask:
     """A task tokenized for one tokenizer and context window, ready to score on any rank.
 
-    `rows[i][c]` is (token ids of context + choice c, number of choice tokens at the end)."""
+    `rows[i][c]` is (token ids of context + choice c, number of choice tokens at the end); the
+    model reads all but the last id. `choice_lengths[i][c]` divides choice c's log-prob for acc_norm."""
 
     path: str
     rows: list[list[tuple[list[int], int]]]
-    choice_bytes: list[list[int]]
+    choice_lengths: list[list[int]]
     labels: list[int]
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -49,8 +54,9 @@ class EncodedTask:
 
 
 # -- task files ---------------------------------------------------------------------------------
-def _parse_item(line: str) -> TaskItem | str:
-    """The item on one JSONL line, or the reason it is unusable."""
+def _parse_item(line: str, line_number: int = 0) -> TaskItem | str:
+    """The item on one JSONL line, or the reason it is unusable. An empty context is allowed
+    (the choice is then scored after the prefix token, see `encode_task`)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError:
@@ -62,8 +68,8 @@ def _parse_item(line: str) -> TaskItem | str:
     label = record.get("label", record.get("gold"))
     if context is None or choices is None or label is None:
         return "missing field"
-    if not isinstance(context, str) or not context:
-        return "context not a non-empty string"
+    if not isinstance(context, str):
+        return "context not a string"
     if not isinstance(choices, list) or not all(isinstance(c, str) and c for c in choices):
         return "choices not a list of non-empty strings"
     if len(choices) < 2:
@@ -74,7 +80,7 @@ def _parse_item(line: str) -> TaskItem | str:
         return "label not an integer"
     if not 0 <= label < len(choices):
         return "label out of range"
-    return TaskItem(context, tuple(choices), label)
+    return TaskItem(context, tuple(choices), label, line_number)
 
 
 def read_task(path: str | Path) -> tuple[list[TaskItem], dict[str, int]]:
@@ -85,10 +91,10 @@ def read_task(path: str | Path) -> tuple[list[TaskItem], dict[str, int]]:
         raise FileNotFoundError(f"{path}: no such task file")
     items, skipped = [], Counter()
     with path.open(encoding="utf-8", errors="replace") as lines:
-        for line in lines:
+        for line_number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
-            parsed = _parse_item(line)
+            parsed = _parse_item(line, line_number)
             if isinstance(parsed, str):
                 skipped[parsed] += 1
             else:
@@ -102,32 +108,56 @@ def _skipped_note(skipped: dict[str, int]) -> str:
     return f" (skipped: {', '.join(f'{reason} {n}' for reason, n in sorted(skipped.items()))})" if skipped else ""
 
 
-def encode_task(items: Sequence[TaskItem], tokenizer, max_seq_len: int, path: str = "",
-                skipped: dict[str, int] | None = None) -> EncodedTask:
-    """Tokenizes context and each choice separately (no special tokens) and concatenates the ids.
+def completion_length(choice: str) -> int:
+    """The length acc_norm divides a choice's log-prob by, as lm-evaluation-harness computes it:
+    the number of characters (Python `len`, not UTF-8 bytes) of the choice without its target
+    delimiter. lm-eval scores `delimiter + choice` but divides by `len(choice)`; here the delimiter
+    is written into the choice, so a leading " " (lm-eval's default delimiter) is not counted.
+    At least 1, so a choice of a lone space still divides."""
+    return max(1, len(choice.removeprefix(" ")))
 
-    The choice is the continuation exactly as written: with a byte-level BPE tokenizer the space
-    that separates it from the context belongs at the START of the choice (context "The capital
-    of France is", choice " Paris"), as in lm-evaluation-harness; a trailing space on the context
-    would be tokenized alone. A row longer than `max_seq_len` loses context tokens from the left;
-    the whole choice is always kept, so an item with a choice of `max_seq_len` tokens or more
-    (no context token left to condition on) is skipped, as is one whose context encodes to nothing.
+
+def encode_task(items: Sequence[TaskItem], tokenizer, max_seq_len: int, path: str = "",
+                skipped: dict[str, int] | None = None, prefix_id: int | None = None) -> EncodedTask:
+    """Tokenizes each (context, choice) pair as lm-evaluation-harness does (no special tokens).
+
+    The context's trailing whitespace moves to the start of the continuation; the context without
+    it and the whole string context + choice are encoded, and the continuation tokens are the
+    whole encoding past as many tokens as the context alone has: `whole[len(context_ids):]`.
+    The row is context_ids + those tokens, exact for tokenizers that merge across the boundary or
+    mark word starts (SentencePiece's "▁"), not only for byte-level BPE. A context that encodes to
+    no token (an empty one) is replaced by `prefix_id` (the EOS token; lm-eval's prefix token) and
+    the continuation is then the whole encoding; without a `prefix_id` that is a ValueError naming
+    the file and line.
+
+    A row keeps at most `max_seq_len + 1` tokens (the model reads all but the last), losing
+    context tokens from the left as lm-eval does; the whole choice is always kept, so an item
+    with a choice of more than `max_seq_len` tokens is skipped, as is one with a choice whose
+    continuation encodes to no token (counted in `skipped` by reason).
     """
     skipped = Counter(skipped or {})
-    contexts = tokenizer.encode_batch([item.context for item in items], add_special_tokens=False)
-    flat_choices = [choice for item in items for choice in item.choices]
-    choice_ids = iter(tokenizer.encode_batch(flat_choices, add_special_tokens=False))
+    contexts = tokenizer.encode_batch([item.context.rstrip() for item in items], add_special_tokens=False)
+    # context + choice is the whitespace-moved pair joined again: the string itself
+    wholes = iter(tokenizer.encode_batch([item.context + c for item in items for c in item.choices], add_special_tokens=False))
     task = EncodedTask(str(path), [], [], [])
     for item, context in zip(items, contexts, strict=True):
-        continuations = [next(choice_ids).ids for _ in item.choices]
-        if not context.ids:
-            skipped["context encodes to no tokens"] += 1
+        context_ids = context.ids
+        continuations = [next(wholes).ids[len(context_ids) :] for _ in item.choices]
+        if not context_ids:
+            if prefix_id is None:
+                raise ValueError(
+                    f"{path or 'task'}:{item.line}: the context encodes to no token and the tokenizer has no EOS "
+                    "token to put in its place (none of the usual EOS names is in its vocabulary)"
+                )
+            context_ids = [prefix_id]
+        if not all(continuations):
+            skipped["choice encodes to no tokens"] += 1
             continue
-        if max(len(c) for c in continuations) >= max_seq_len:
+        if max(len(c) for c in continuations) > max_seq_len:
             skipped["choice too long for max_seq_len"] += 1
             continue
-        task.rows.append([((context.ids + c)[-max_seq_len:], len(c)) for c in continuations])
-        task.choice_bytes.append([len(choice.encode("utf-8")) for choice in item.choices])
+        task.rows.append([((context_ids + c)[-(max_seq_len + 1) :], len(c)) for c in continuations])
+        task.choice_lengths.append([completion_length(choice) for choice in item.choices])
         task.labels.append(item.label)
     task.skipped = dict(skipped)
     if not task.labels:
@@ -135,12 +165,47 @@ def encode_task(items: Sequence[TaskItem], tokenizer, max_seq_len: int, path: st
     return task
 
 
+def find_prefix_id(tokenizer_path: str | Path, tokenizer) -> int | None:
+    """The token an empty context is replaced by: lm-eval's prefix token (the tokenizer's BOS,
+    else its EOS) for a HF tokenizer_config.json beside `tokenizer_path`; else the `eos_id` of
+    the ShardSet manifest beside it (what every document of the training data ends with); else
+    the first usual EOS name in the vocabulary; None when there is none."""
+    from data_pipeline.manifest import MANIFEST_NAME
+    from data_pipeline.tokenizer import EOS_CANDIDATES
+
+    folder = Path(tokenizer_path).parent
+    if (folder / "tokenizer_config.json").is_file():
+        config = _read_json(folder / "tokenizer_config.json")
+        for key in ("bos_token", "eos_token"):
+            token = config.get(key)
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+                return int(tokenizer.token_to_id(token))
+    if (folder / MANIFEST_NAME).is_file():
+        eos_id = _read_json(folder / MANIFEST_NAME).get("eos_id")
+        if isinstance(eos_id, int):
+            return eos_id
+    ids = [tokenizer.token_to_id(name) for name in EOS_CANDIDATES]
+    return next((int(i) for i in ids if i is not None), None)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return record
+
+
 def load_task(path: str | Path, tokenizer_path: str | Path, max_seq_len: int) -> EncodedTask:
-    """`read_task` + `encode_task` with the tokenizer.json at `tokenizer_path`."""
+    """`read_task` + `encode_task` with the tokenizer.json at `tokenizer_path` (and its prefix token)."""
     from tokenizers import Tokenizer
 
     items, skipped = read_task(path)
-    return encode_task(items, Tokenizer.from_file(str(tokenizer_path)), max_seq_len, str(path), skipped)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    return encode_task(items, tokenizer, max_seq_len, str(path), skipped, find_prefix_id(tokenizer_path, tokenizer))
 
 
 def prepare_tasks(tasks: dict[str, str], tokenizer_path: str | Path | None, max_seq_len: int,
@@ -178,29 +243,36 @@ def forward_shapes(lengths_by_rank: Sequence[Sequence[int]], tokens_per_forward:
         cursors = [c + rows for c in cursors]
 
 
+def _input_length(row: tuple[list[int], int]) -> int:
+    """Tokens the model reads for a row: all but the last (no prediction is needed after it)."""
+    return len(row[0]) - 1
+
+
 @torch.no_grad()
 def _score_rows(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]], shapes: Sequence[tuple[int, int]],
                 device: torch.device, autocast_dtype: torch.dtype | None) -> list[float]:
     """Summed log-prob of each row's continuation, rows taken in order by forwards of `shapes`
-    (right-padded; nothing past a row's length is read, so a row scores as it would alone)."""
+    (inputs: each row but its last token, right-padded; nothing past a row's input is read, so a
+    row scores as it would alone)."""
     scores: list[torch.Tensor] = []
     start = 0
     for n_rows, n_tokens in shapes:
         batch = rows[start : start + n_rows]
         start += n_rows
         input_ids = torch.zeros(n_rows, n_tokens, dtype=torch.long)
+        next_ids = torch.zeros(n_rows, n_tokens, dtype=torch.long)  # the token each position predicts
         for i, (ids, _) in enumerate(batch):
-            input_ids[i, : len(ids)] = torch.as_tensor(ids)
-        input_ids = input_ids.to(device)
+            input_ids[i, : len(ids) - 1] = torch.as_tensor(ids[:-1])
+            next_ids[i, : len(ids) - 1] = torch.as_tensor(ids[1:])
+        input_ids, next_ids = input_ids.to(device), next_ids.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids)
         if hasattr(logits, "full_tensor"):  # a vocab-sharded DTensor (tensor parallel)
             logits = logits.full_tensor()
         for i, (ids, n_continuation) in enumerate(batch):
-            end = len(ids)
-            log_probs = logits[i, end - n_continuation - 1 : end - 1].float().log_softmax(-1)
-            targets = input_ids[i, end - n_continuation : end, None]
-            scores.append(log_probs.gather(-1, targets).sum())
+            end = len(ids) - 1  # the input's length
+            log_probs = logits[i, end - n_continuation : end].float().log_softmax(-1)
+            scores.append(log_probs.gather(-1, next_ids[i, end - n_continuation : end, None]).sum())
     return torch.stack(scores).tolist() if scores else []
 
 
@@ -208,8 +280,8 @@ def choice_logprobs(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]
                     autocast_dtype: torch.dtype | None = None, tokens_per_forward: int = 8192) -> list[float]:
     """Summed log-prob of each (ids, continuation length) row's last tokens given the tokens
     before them, in the rows' order; many rows per forward, longest first (one process)."""
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
-    shapes = forward_shapes([[len(rows[r][0]) for r in order]], tokens_per_forward)
+    order = sorted(range(len(rows)), key=lambda r: -_input_length(rows[r]))
+    shapes = forward_shapes([[_input_length(rows[r]) for r in order]], tokens_per_forward)
     scored = _score_rows(model, [rows[r] for r in order], shapes, device, autocast_dtype)
     result = [0.0] * len(rows)
     for r, score in zip(order, scored, strict=True):
@@ -232,7 +304,8 @@ def score_task(
     reduce: Callable[[float], float] | None = None,
 ) -> dict:
     """{'acc', 'acc_norm', 'items', 'skipped'}: acc = the choice of highest summed log-prob is the
-    label; acc_norm = the same with each log-prob divided by its choice's UTF-8 byte length.
+    label (the first on a tie); acc_norm = the same with each log-prob divided by its choice's
+    `completion_length` (characters, as lm-evaluation-harness).
 
     Every rank of `world_size` scores its contiguous share of the items; every rank runs the
     same forwards (shapes planned from all shares, dummy rows where a share ran out), so FSDP2
@@ -240,19 +313,19 @@ def score_task(
     was_training = model.training
     model.eval()
     shares = [_rank_share(len(task), r, world_size) for r in range(world_size)]
-    lengths_by_rank = [sorted((len(ids) for i in share for ids, _ in task.rows[i]), reverse=True) for share in shares]
+    lengths_by_rank = [sorted((_input_length(row) for i in share for row in task.rows[i]), reverse=True) for share in shares]
     shapes = forward_shapes(lengths_by_rank, tokens_per_forward)
     mine = [(i, c) for i in shares[rank] for c in range(len(task.rows[i]))]
-    mine.sort(key=lambda ic: -len(task.rows[ic[0]][ic[1]][0]))  # the order lengths_by_rank[rank] assumed
+    mine.sort(key=lambda ic: -_input_length(task.rows[ic[0]][ic[1]]))  # the order lengths_by_rank[rank] assumed
     rows = [task.rows[i][c] for i, c in mine]
-    rows += [([0], 0)] * (sum(n for n, _ in shapes) - len(rows))  # dummy rows: one pad token, nothing scored
+    rows += [([0], 0)] * (sum(n for n, _ in shapes) - len(rows))  # dummy rows: only padding, nothing scored
     scores = _score_rows(model, rows, shapes, device, autocast_dtype)
     model.train(was_training)
     log_probs = {i: np.zeros(len(task.rows[i])) for i in shares[rank]}
     for (i, c), score in zip(mine, scores[: len(mine)], strict=True):  # the rest: dummy rows
         log_probs[i][c] = score
     correct = sum(int(np.argmax(lp) == task.labels[i]) for i, lp in log_probs.items())
-    correct_norm = sum(int(np.argmax(lp / task.choice_bytes[i]) == task.labels[i]) for i, lp in log_probs.items())
+    correct_norm = sum(int(np.argmax(lp / task.choice_lengths[i]) == task.labels[i]) for i, lp in log_probs.items())
     items = len(log_probs)
     if reduce is not None:
         correct, correct_norm, items = (int(round(reduce(v))) for v in (correct, correct_norm, items))

@@ -1,27 +1,31 @@
 """Multiple-choice evaluation (engine.downstream): batched scores equal rows scored alone, acc and
-acc_norm as computed by hand, a trained continuation wins, bad lines are counted, two FSDP2
-ranks score as one process, the trainer's record and `strata eval --task`."""
+acc_norm as computed by hand, lm-eval's tokenization (joint context + choice, EOS for an empty
+context, character lengths), a trained continuation wins, bad lines are counted, two FSDP2 ranks
+score as one process, the trainer's record and `strata eval --task`."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from distributed_runs import run_ranks, run_tree
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.config import ConfigError, load_config
 from engine.downstream import (
     EncodedTask,
     choice_logprobs,
+    completion_length,
     encode_task,
     forward_shapes,
     load_task,
+    prepare_tasks,
     read_task,
     score_task,
 )
@@ -32,12 +36,10 @@ from tests.conftest import tiny_config, tiny_model
 CPU = torch.device("cpu")
 
 
-
-
 def alone(model: torch.nn.Module, ids: list[int], n_continuation: int) -> float:
-    """The continuation's summed log-prob, the row in a forward of its own."""
+    """The continuation's summed log-prob, the row (but its last token) in a forward of its own."""
     with torch.no_grad():
-        log_probs = model(torch.tensor([ids]))[0].double().log_softmax(-1)
+        log_probs = model(torch.tensor([ids[:-1]]))[0].double().log_softmax(-1)
     return sum(float(log_probs[t - 1, ids[t]]) for t in range(len(ids) - n_continuation, len(ids)))
 
 
@@ -54,7 +56,7 @@ def random_task(n_items: int, seed: int, vocab_size: int = 64) -> EncodedTask:
         context = rng.integers(1, vocab_size, rng.integers(1, 12)).tolist()
         choices = [rng.integers(1, vocab_size, rng.integers(1, 8)).tolist() for _ in range(rng.integers(2, 5))]
         task.rows.append([(context + c, len(c)) for c in choices])
-        task.choice_bytes.append([int(rng.integers(1, 30)) for _ in choices])
+        task.choice_lengths.append([int(rng.integers(1, 30)) for _ in choices])
         task.labels.append(int(rng.integers(0, len(choices))))
     return task
 
@@ -162,7 +164,7 @@ def test_bad_lines_are_counted_by_reason(tmp_path, tokenizer, tiny_corpus):
     }
     task = load_task(path, tiny_corpus / "tokenizer.json", max_seq_len=16)
     assert len(task) == 2 and task.skipped == {**skipped, "choice too long for max_seq_len": 1}
-    assert task.choice_bytes[1] == [2, 2, 2]
+    assert task.choice_lengths[1] == [1, 1, 1]  # " 2": lm-eval's len("2"), the delimiter " " not counted
     write_task(bad := tmp_path / "bad.jsonl", [{"context": "x"}])
     with pytest.raises(ValueError, match=f"{bad}: no usable item.*missing field 1"):
         read_task(bad)
@@ -170,15 +172,123 @@ def test_bad_lines_are_counted_by_reason(tmp_path, tokenizer, tiny_corpus):
         read_task(tmp_path / "nope.jsonl")
 
 
-def test_context_and_choice_are_tokenized_apart_and_truncated_from_the_left(tokenizer):
-    context = "import os\n" * 20
+def test_rows_keep_the_whole_choice_and_lose_context_from_the_left(tokenizer):
+    context = "import os\n" * 19 + "import os"  # no trailing whitespace to move onto the choice
     (item,) = read_task_items([{"context": context, "choices": [" print", " os.path"], "label": 0}])
     task = encode_task([item], tokenizer, max_seq_len=12)
+    context_ids = tokenizer.encode(context, add_special_tokens=False).ids
     for (ids, n), choice in zip(task.rows[0], item.choices, strict=True):
-        choice_ids = tokenizer.encode(choice, add_special_tokens=False).ids
-        context_ids = tokenizer.encode(context, add_special_tokens=False).ids
-        assert n == len(choice_ids) and ids[-n:] == choice_ids  # the whole choice, as written
-        assert len(ids) == 12 and ids[:-n] == context_ids[-(12 - n) :]  # the context's end
+        choice_ids = tokenizer.encode(choice, add_special_tokens=False).ids  # byte-level BPE: joint == apart
+        assert n == len(choice_ids) and ids[-n:] == choice_ids  # the whole choice
+        # lm-eval's window: max_seq_len + 1 tokens, the model reads all but the last
+        assert len(ids) == 13 and ids[:-n] == context_ids[-(13 - n) :]
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size(), max_seq_len=12)
+    np.testing.assert_allclose(choice_logprobs(model, task.rows[0], CPU), [alone(model, *row) for row in task.rows[0]],
+                               rtol=0, atol=1e-5)  # fmt: skip
+
+
+def metaspace_tokenizer(special_tokens: list[str]) -> Tokenizer:
+    """A SentencePiece-style BPE ("▁" marks a word start, prepended to the first word) on which
+    context and choice tokenized apart differ from the two tokenized together."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    text = "the capital of france is paris. the capital of italy is rome. paris is a city."
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=special_tokens, show_progress=False)
+    tokenizer.train_from_iterator([text] * 20, trainer=trainer)
+    return tokenizer
+
+
+JOINT_ITEMS = [
+    {"context": "the capital of france is ", "choices": ["paris", "rome"], "label": 0},  # a trailing space
+    {"context": "the cap", "choices": ["ital of italy", "ital is rome"], "label": 0},  # the boundary splits a word
+    {"context": "paris is", "choices": [" a city.", " rome."], "label": 0},
+]
+
+
+def test_continuation_tokens_come_from_the_joint_encoding():
+    tokenizer = metaspace_tokenizer([])
+    items = read_task_items(JOINT_ITEMS)
+    task = encode_task(items, tokenizer, max_seq_len=64)
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    def lm_eval_row(context: str, choice: str) -> tuple[list[int], int]:  # row by row, lm-eval's rule
+        stripped = context.rstrip()
+        context_ids, whole = encode(stripped), encode(stripped + context[len(stripped) :] + choice)
+        return context_ids + whole[len(context_ids) :], len(whole) - len(context_ids)
+
+    assert task.rows == [[lm_eval_row(item.context, c) for c in item.choices] for item in items]  # batched == one by one
+    apart = [[encode(item.context) + encode(c) for c in item.choices] for item in items]
+    differ = [(i, c) for i, item in enumerate(task.rows) for c, (ids, _) in enumerate(item) if ids != apart[i][c]]
+    assert (0, 0) in differ and (1, 0) in differ  # tokenizing apart would have been wrong here
+    # "the capital of france is " + "paris": the space is the "▁" of "▁paris", not a token of its own
+    (ids, n), _ = task.rows[0]
+    assert tokenizer.id_to_token(ids[-1]) == "▁paris" and n == 1 and tokenizer.token_to_id("▁") not in ids
+    # "the cap" + "ital of italy": the context's own tokens, then the whole string's past as many
+    whole = encode("the capital of italy")  # ▁the ▁capital ▁of ▁italy
+    assert encode("the cap") == whole[:1] + [tokenizer.token_to_id("▁cap")]
+    assert task.rows[1][0] == (encode("the cap") + whole[2:], len(whole) - 2)
+    # the rows score batched as each alone
+    rows = [row for item in task.rows for row in item]
+    model = tiny_model(vocab_size=tokenizer.get_vocab_size())
+    np.testing.assert_allclose(choice_logprobs(model, rows, CPU, tokens_per_forward=30),
+                               [alone(model, *row) for row in rows], rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_an_empty_context_is_scored_after_the_eos_token(tmp_path, tiny_corpus):
+    shardset_tokenizer = tiny_corpus / "train" / "tokenizer.json"  # beside the ShardSet manifest and its eos_id
+    eos_id = json.loads((tiny_corpus / "train" / "manifest.json").read_text())["eos_id"]
+    byte_level = Tokenizer.from_file(str(shardset_tokenizer))
+    path = write_task(tmp_path / "empty.jsonl", [
+        {"context": "x = 1", "choices": [" + 1", " - 1"], "label": 0},
+        {"context": "", "choices": ["import os", "x"], "label": 0},
+    ])  # fmt: skip
+    task = load_task(path, shardset_tokenizer, max_seq_len=32)
+    assert len(task) == 2 and task.skipped == {}
+    for (ids, n), choice in zip(task.rows[1], ["import os", "x"], strict=True):
+        assert ids == [eos_id] + byte_level.encode(choice, add_special_tokens=False).ids and n == len(ids) - 1
+    # a HF tokenizer_config.json names lm-eval's prefix token: its BOS, else its EOS
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    metaspace = metaspace_tokenizer(["<s>", "</s>"])
+    metaspace.save(str(hf_dir / "tokenizer.json"))
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    assert load_task(path, hf_dir / "tokenizer.json", 32).rows[1][0][0][0] == metaspace.token_to_id("<s>")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert load_task(path, hf_dir / "tokenizer.json", 32).rows[1][0][0][0] == metaspace.token_to_id("</s>")
+    # no EOS anywhere: an error naming the file and the line (a blank line counts)
+    metaspace_tokenizer([]).save(str(tmp_path / "tokenizer.json"))
+    path.write_text(path.read_text().replace("\n", "\n\n", 1))
+    with pytest.raises(ValueError, match=f"{path}:3: the context encodes to no token and the tokenizer has no EOS"):
+        load_task(path, tmp_path / "tokenizer.json", 32)
+    with pytest.raises(ConfigError, match=rf"train\.eval_tasks\.mc: {path}:3: "):
+        prepare_tasks({"mc": str(path)}, tmp_path / "tokenizer.json", 32)
+
+
+class FixedTokenizer:
+    """A tokenizer of a fixed table: text -> ids."""
+
+    def __init__(self, table: dict[str, list[int]]):
+        self.table = table
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list:
+        return [SimpleNamespace(ids=self.table[text]) for text in texts]
+
+
+def test_acc_norm_divides_by_the_choice_length_lm_eval_uses():
+    # lm-eval: completion_len = len(choice) in characters, the target delimiter " " not counted
+    assert [completion_length(c) for c in [" Paris", "Paris", " café", "  x", " ", "日本"]] == [5, 5, 4, 2, 1, 2]
+    model = BigramTable({1: {2: 0.5, 3: 0.3}, 3: {4: 0.6}})
+    # choice A " é" = token 2 (log .5), choice B " abc" = tokens 3 4 (log .3 + log .6 = log .18):
+    # per UTF-8 byte with the space (3 and 4) A would win (-.23 > -.43); per character without it
+    # (1 and 3), as lm-eval, B wins (-.57 > -.69)
+    tokenizer = FixedTokenizer({"q": [1], "q é": [1, 2], "q abc": [1, 3, 4]})
+    (item,) = read_task_items([{"context": "q", "choices": [" é", " abc"], "label": 1}])
+    task = encode_task([item], tokenizer, max_seq_len=8)
+    assert task.rows == [[([1, 2], 1), ([1, 3, 4], 2)]] and task.choice_lengths == [[1, 3]]
+    assert score_task(model, task, CPU) == {"acc": 0.0, "acc_norm": 1.0, "items": 1, "skipped": {}}
 
 
 def read_task_items(records: list[dict]) -> list:
