@@ -80,6 +80,9 @@ class ParallelConfig(BaseModel):
     dp_replicate: int = Field(1, gt=0, description="HSDP replicas (pure data parallel groups)")
     dp_shard: int = Field(-1, description="FSDP2 shard degree; -1 = the rest of the world size")
     tp: int = Field(1, gt=0, description="tensor-parallel degree")
+    cp: int = Field(
+        1, gt=0, description="context-parallel degree: each row's tokens split over cp ranks (long sequences)"
+    )
     sequence_parallel: bool = Field(False, description="TP: shard norms/residual along the sequence")
     loss_parallel: bool = Field(False, description="TP: keep the vocab sharded through the loss")
     activation_checkpointing: Literal["none", "selective", "full"] = "none"

@@ -1,9 +1,11 @@
 """Parallelism: the device mesh and, in order, TP -> activation checkpointing -> compile -> FSDP2.
 
 `parallelize_model` applies one small function per concern in that order. The mesh is
-(dp_replicate, dp_shard, tp) with tp innermost; FSDP2 shards over dp_shard (HSDP: replicated
-over dp_replicate as well). Without a process group only activation checkpointing and compile
-apply. The model families' TP plans live with the models (ModelSpec.parallelize_tp).
+(dp_replicate, dp_shard, cp, tp) with tp innermost; FSDP2 shards over dp_shard x cp (HSDP:
+replicated over dp_replicate as well). Context-parallel ranks split each row's tokens
+(models.context_parallel; the trainer slices the batch). Without a process group only
+activation checkpointing and compile apply. The model families' TP plans live with the models
+(ModelSpec.parallelize_tp).
 """
 
 from __future__ import annotations
@@ -21,50 +23,76 @@ import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from engine.config import ConfigError, ParallelConfig
+from engine.config import ConfigError, ParallelConfig, StrataConfig
 from engine.dist import DistContext
 
 if TYPE_CHECKING:
     from models.spec import ModelSpec
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
 
 
 class ParallelDims(NamedTuple):
-    """Resolved degrees; ranks are laid out (dp_replicate, dp_shard, tp) with tp innermost."""
+    """Resolved degrees; ranks are laid out (dp_replicate, dp_shard, cp, tp) with tp innermost."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
+    cp: int = 1
 
     @property
     def dp_size(self) -> int:
         """Data-parallel width: how many different batches one step sees."""
         return self.dp_replicate * self.dp_shard
 
+    @property
+    def batch_sharers(self) -> int:
+        """Ranks that read one batch: a CP group's ranks split its tokens, TP ranks share them."""
+        return self.cp * self.tp
+
+    @property
+    def fsdp_size(self) -> int:
+        """Ranks whose gradients FSDP2 averages (dp_replicate x dp_shard x cp)."""
+        return self.dp_size * self.cp
+
     def dp_rank(self, rank: int) -> int:
-        """Which data-parallel slice a global rank reads (ranks of one TP group share it)."""
-        return rank // self.tp
+        """Which data-parallel slice a global rank reads (ranks of one CP x TP group share it)."""
+        return rank // self.batch_sharers
+
+    def cp_rank(self, rank: int) -> int:
+        """This rank's place in its context-parallel group (which part of each row it holds)."""
+        return rank // self.tp % self.cp
 
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> ParallelDims:
-    """(dp_replicate, dp_shard, tp) with -1 resolved; raises ConfigError naming the fields."""
-    fixed = cfg.dp_replicate * cfg.tp
+    """(dp_replicate, dp_shard, tp, cp) with -1 resolved; raises ConfigError naming the fields."""
+    fixed = cfg.dp_replicate * cfg.cp * cfg.tp
     if world_size % fixed:
         raise ConfigError(
-            f"parallel: dp_replicate ({cfg.dp_replicate}) x tp ({cfg.tp}) does not divide the world size ({world_size})"
+            f"parallel: dp_replicate ({cfg.dp_replicate}) x cp ({cfg.cp}) x tp ({cfg.tp}) does not divide the world size ({world_size})"
         )
     shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
-    if cfg.dp_replicate * shard * cfg.tp != world_size:
+    if cfg.dp_replicate * shard * cfg.cp * cfg.tp != world_size:
         raise ConfigError(
-            f"parallel: dp_replicate x dp_shard x tp = {cfg.dp_replicate}x{shard}x{cfg.tp} != world size {world_size}"
+            f"parallel: dp_replicate x dp_shard x cp x tp = {cfg.dp_replicate}x{shard}x{cfg.cp}x{cfg.tp} != world size {world_size}"
         )
-    return ParallelDims(cfg.dp_replicate, shard, cfg.tp)
+    return ParallelDims(cfg.dp_replicate, shard, cfg.tp, cfg.cp)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The 3-D named mesh over the whole process group."""
-    return init_device_mesh(device_type, tuple(dims), mesh_dim_names=MESH_DIMS)
+    """The 4-D named mesh over the whole process group."""
+    shape = (dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
+    return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+
+
+def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
+    """The mesh FSDP2 shards over: dp_shard x cp flattened (the CP ranks hold the same
+    parameters), with dp_replicate as the outer (HSDP) dimension when it is > 1."""
+    shard_dim = "dp_shard"
+    if dims.cp > 1:
+        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        shard_dim = "dp_shard_cp"
+    return mesh["dp_replicate", shard_dim] if dims.dp_replicate > 1 else mesh[shard_dim]
 
 
 # -- 1. tensor parallel ---------------------------------------------------------------------
@@ -160,15 +188,18 @@ def set_microbatch_grad_sync(model: nn.Module, last: bool, accumulate_unsharded:
 
 
 def parallelize_model(
-    model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None
+    model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None,
+    mesh: DeviceMesh | None = None,
 ) -> nn.Module:
     """TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
 
     `spec` is the family's ModelSpec (looked up from `model.cfg.family` if None); its
     `parallelize_tp(model, tp_mesh, **options)` may take `sequence_parallel` / `loss_parallel`.
+    `mesh` is built here when not given (the trainer passes its own: it needs the CP group too).
     """
     dims = resolve_degrees(cfg, ctx.world_size)
-    mesh = build_mesh(dims, ctx.device.type) if dist.is_initialized() else None
+    if mesh is None and dist.is_initialized():
+        mesh = build_mesh(dims, ctx.device.type)
     if dims.tp > 1:
         if spec is None:
             from models.spec import get_spec
@@ -181,9 +212,36 @@ def parallelize_model(
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
-        apply_fsdp(model, dp_mesh, ctx.device.type)
+        apply_fsdp(model, fsdp_mesh(mesh, dims), ctx.device.type)
     return model
+
+
+# -- context parallel ------------------------------------------------------------------------
+def context_parallel_plan(cfg: StrataConfig, dims: ParallelDims, mesh: DeviceMesh | None, rank: int):
+    """None without CP; else `shard_for(micro_batch, device) -> SequenceShard` for this rank,
+    in the layout the model family asks for. Checks the config against CP first."""
+    if dims.cp == 1:
+        return None
+    from models.context_parallel import SequenceShard, local_positions
+    from models.spec import get_spec
+
+    if cfg.data.decomposition is not None:
+        raise ConfigError("parallel.cp: data.decomposition changes the row length every step; train it without context parallelism")
+    layout = get_spec(cfg.model.family).cp_layout
+    try:
+        local_positions(cfg.data.seq_len, dims.cp, 0, layout)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    group = mesh["cp"].get_group() if mesh is not None else None  # None: a check only (strata doctor)
+    cp_rank = dims.cp_rank(rank)
+    documents = not cfg.data.cross_document_attention
+
+    def shard_for(micro_batch: dict, device: torch.device) -> SequenceShard:
+        position_ids = micro_batch.get("position_ids") if documents else None
+        seq_len = micro_batch["input_ids"].shape[1]
+        return SequenceShard(group, cp_rank, dims.cp, seq_len, layout, position_ids, device)
+
+    return shard_for
 
 
 # -- helpers for the training step ----------------------------------------------------------

@@ -135,7 +135,10 @@ def _parallel_checks(cfg, world_size: int) -> list[Check]:
     except ConfigError as err:
         return [Check("parallel", "degrees", FAIL, str(err), "set parallel.* or the number of processes")]
     checks = [Check("parallel", "degrees", OK,
-                    f"{world_size} process(es) = dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x tp {dims.tp}")]  # fmt: skip
+                    f"{world_size} process(es) = dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} "
+                    f"x cp {dims.cp} x tp {dims.tp}")]  # fmt: skip
+    if dims.cp > 1:
+        checks.append(_context_parallel_check(cfg, dims))
     rows_per_rank = cfg.data.global_batch_size / dims.dp_size
     if cfg.data.decomposition is None and rows_per_rank % cfg.data.micro_batch_size:
         checks.append(Check("parallel", "batch", FAIL,
@@ -252,11 +255,25 @@ def _disk_checks(cfg, params: int | None) -> list[Check]:
                   "" if status == OK else "free space, lower checkpoint.keep_last, or move train.run_dir")]  # fmt: skip
 
 
+def _context_parallel_check(cfg, dims) -> Check:
+    """Can each row split over the CP ranks, and how many tokens does each rank then hold."""
+    from engine.config import ConfigError
+    from engine.parallel import context_parallel_plan
+
+    try:
+        context_parallel_plan(cfg, dims, None, 0)
+    except ConfigError as err:
+        return Check("parallel", "context_parallel", FAIL, str(err), "change data.seq_len or parallel.cp")
+    return Check("parallel", "context_parallel", OK,
+                 f"each {cfg.data.seq_len}-token row split over {dims.cp} ranks: "
+                 f"{cfg.data.seq_len // dims.cp} tokens per rank")  # fmt: skip
+
+
 def _gpu_memory_check(cfg, params: int, world_size: int) -> Check:
     from engine.parallel import resolve_degrees
 
     dims = resolve_degrees(cfg.parallel, world_size)
-    per_device = params * TRAIN_STATE_BYTES_PER_PARAM / (dims.dp_shard * dims.tp)
+    per_device = params * TRAIN_STATE_BYTES_PER_PARAM / (dims.dp_shard * dims.cp * dims.tp)
     total = torch.cuda.get_device_properties(0).total_memory
     share = per_device / total
     status = OK if share < 0.6 else WARN if share < 0.9 else FAIL

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.manifest import write_json_atomic
@@ -29,7 +30,9 @@ from engine.evaluate import evaluate_shardset, token_byte_lengths
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops
 from engine.optim import build_optimizer
 from engine.parallel import (
+    build_mesh,
     clip_grad_norm_,
+    context_parallel_plan,
     loss_context,
     parallelize_model,
     resolve_degrees,
@@ -61,8 +64,6 @@ def seed_everything(seed: int) -> None:
 
 def autocast_dtype(cfg: StrataConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast on GPU unless FSDP2's mixed-precision policy already computes in bf16."""
-    import torch.distributed as dist
-
     if device.type == "cuda" and dist.is_initialized():
         return None
     choice = cfg.train.dtype
@@ -71,7 +72,7 @@ def autocast_dtype(cfg: StrataConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if choice == "bfloat16" else None
 
 
-def build_model(cfg: StrataConfig, ctx: DistContext) -> torch.nn.Module:
+def build_model(cfg: StrataConfig, ctx: DistContext, mesh=None) -> torch.nn.Module:
     """Meta-device build, materialized on the device and initialized identically on every rank."""
     spec = get_spec(cfg.model.family)
     with torch.device("meta"):
@@ -79,7 +80,7 @@ def build_model(cfg: StrataConfig, ctx: DistContext) -> torch.nn.Module:
     model.to_empty(device=ctx.device)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
-    return parallelize_model(model, cfg.parallel, ctx, spec)
+    return parallelize_model(model, cfg.parallel, ctx, spec, mesh)
 
 
 def val_sets(cfg: StrataConfig) -> list[tuple[str, str]]:
@@ -112,10 +113,12 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.train.seed)
-        # ranks of one tensor-parallel group read the same batch: the loader shards over dp only
+        # ranks of one CP x TP group read the same batch: the loader shards over dp only
         self.dims = resolve_degrees(cfg.parallel, ctx.world_size)
         self.dp_rank, self.dp_size = self.dims.dp_rank(ctx.rank), self.dims.dp_size
-        self.model = build_model(cfg, ctx)
+        mesh = build_mesh(self.dims, ctx.device.type) if dist.is_initialized() else None
+        self.context_parallel = context_parallel_plan(cfg, self.dims, mesh, ctx.rank)
+        self.model = build_model(cfg, ctx, mesh)
         self.autocast = autocast_dtype(cfg, ctx.device)
         self.lr_max = float(cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr_max, ctx.device)
@@ -186,10 +189,14 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, then the optimizer step unless the
         step guard skips it; returns (loss, grad_norm, tokens)."""
         device = self.ctx.device
+        shards = [self.context_parallel(mb, device) for mb in micro_batches] if self.context_parallel else None
+        if shards:  # context parallel: this rank's part of every row
+            micro_batches = [{key: shard.take(mb.get(key)) for key in ("input_ids", "labels", "position_ids")}
+                             for mb, shard in zip(micro_batches, shards, strict=True)]  # fmt: skip
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         global_tokens = all_reduce_sum(local_tokens, self.ctx) / self.dims.tp  # TP ranks share a batch
-        # FSDP averages gradients over the dp ranks; scale so the result is the global token mean.
-        scale = self.dp_size / max(global_tokens, 1)
+        # FSDP averages gradients over its ranks; scale so the result is the global token mean.
+        scale = self.dims.fsdp_size / max(global_tokens, 1)
         z_coef = self.cfg.model.z_loss
         loss_sum = 0.0
         for i, mb in enumerate(micro_batches):
@@ -199,7 +206,10 @@ class Trainer:
             position_ids = mb.get("position_ids") if not self.cfg.data.cross_document_attention else None
             position_ids = position_ids.to(device, non_blocking=True) if position_ids is not None else None
             with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                logits = self.model(input_ids, position_ids)
+                if shards:
+                    logits = self.model(input_ids, position_ids, shard=shards[i])
+                else:
+                    logits = self.model(input_ids, position_ids)
             with loss_context(logits):  # loss parallel: vocab-sharded logits into the loss
                 logits = logits.float().flatten(0, 1)
                 flat_labels = labels.flatten()
@@ -239,7 +249,7 @@ class Trainer:
             result.update({f"{key}{suffix}": value for key, value in self._evaluate_set(path).items()})
         result.update(task_metrics(
             self.model, self.eval_tasks, self.ctx.device, self.autocast, self.cfg.data.micro_batch_size * self.cfg.data.seq_len,
-            rank=self.dp_rank, world_size=self.dp_size, reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
+            rank=self.dp_rank, world_size=self.dp_size, reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.batch_sharers,
         ))  # fmt: skip
         return result
 
@@ -262,7 +272,7 @@ class Trainer:
             cross_document_attention=self.cfg.data.cross_document_attention,
             rank=self.dp_rank,
             world_size=self.dp_size,
-            reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,
+            reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.batch_sharers,
         )
 
     # -- the loop ----------------------------------------------------------------------------

@@ -2,18 +2,23 @@
 
 Backends: flash-attn varlen (GPU, when installed), FlexAttention (GPU), and SDPA (anywhere;
 a block-diagonal causal mask on CPU since FlexAttention has no CPU backward). Inputs are
-[B, H, T, D] with K/V possibly holding fewer (grouped) heads.
+[B, H, T, D] with K/V possibly holding fewer (grouped) heads. Under context parallelism a
+rank's queries meet the whole gathered sequence (`sharded_causal_attention`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from models.packing import block_causal_mask
+
+if TYPE_CHECKING:
+    from models.context_parallel import SequenceShard
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +85,32 @@ def _flex(q, k, v, position_ids):
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
     mask = create_block_mask(same_doc_causal, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sharded_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shard: SequenceShard, backend: str = "auto"
+) -> torch.Tensor:
+    """Context parallel: this rank's queries [B, H, T_local, D] against the whole sequence's
+    keys/values [B, H_kv, T, D] (gathered), causal and per document by global position."""
+    gqa = q.shape[1] != k.shape[1]
+    if backend == "flash":
+        _warn_once("attn_backend=flash: context parallelism uses FlexAttention/SDPA (flash-attn varlen cannot take the rank's zigzag queries)")
+    if backend in ("auto", "flash", "flex") and q.is_cuda:
+        return _flex_sharded(q, k, v, shard)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=shard.attention_mask(), enable_gqa=gqa)
+
+
+def _flex_sharded(q, k, v, shard):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    index, doc = shard.index, shard.doc_ids
+
+    def visible(b, h, q_idx, kv_idx):
+        position = index[q_idx]
+        allowed = position >= kv_idx
+        return allowed if doc is None else allowed & (doc[b, position] == doc[b, kv_idx])
+
+    batch = None if doc is None else q.shape[0]
+    mask = create_block_mask(visible, batch, None, q.shape[2], k.shape[2], device=q.device)
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

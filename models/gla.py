@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.config import ModelConfig
+from models.context_parallel import SequenceShard, gla_carry_in
 from models.hf_naming import HFNaming
 from models.kernels.gla import gla, gla_step
 from models.kernels.gla._common import CHUNK, compute_dtype
 from models.llama import FeedForward
-from models.packing import cu_seqlens_from_position_ids
+from models.packing import cu_seqlens_from_position_ids, last_segment_of_rows
 from models.spec import ModelSpec, register
 
 
@@ -61,13 +62,22 @@ class GatedLinearAttention(nn.Module):
         o = self.g_norm(o.to(x.dtype)).reshape(b, t, -1)
         return self.wo(F.silu(self.wg(x)) * o)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                shard: SequenceShard | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`shard` (context parallel): x is this rank's contiguous slice of the rows, and the
+        state carried in from the ranks before is added (models.context_parallel)."""
         b, t, _ = x.shape
         q, k, v, log_g = self.project(x)
+        inputs = (q, k, v, log_g)
         if cu_seqlens is not None:  # documents over the flattened batch
-            q, k, v, log_g = (z.reshape(1, b * t, *z.shape[2:]) for z in (q, k, v, log_g))
-        o, _ = gla(q, k, v, log_g, cu_seqlens=cu_seqlens, backend=self.backend)
-        return self.output(x, o.reshape(b, t, *o.shape[2:]))
+            inputs = tuple(z.reshape(1, b * t, *z.shape[2:]) for z in inputs)
+        o, last = gla(*inputs, cu_seqlens=cu_seqlens, output_final_state=shard is not None, backend=self.backend)
+        o = o.reshape(b, t, *o.shape[2:])
+        if shard is not None:
+            if cu_seqlens is not None:
+                last = last[last_segment_of_rows(cu_seqlens, b, t)]
+            o = o + gla_carry_in(q, log_g, last, position_ids, self.head_k_dim**-0.5, shard).to(o.dtype)
+        return self.output(x, o)
 
     def decode(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Continues from `state` [B, heads, d_k/H, d_v/H] over x [B, t, d]; one token is one step."""
@@ -92,8 +102,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cu_seqlens)
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                shard: SequenceShard | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cu_seqlens, shard, position_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -130,12 +141,14 @@ class GLA(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
+        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows."""
         cu_seqlens = None if position_ids is None else cu_seqlens_from_position_ids(position_ids)
         h = self.tok_embeddings(input_ids)
         for block in self.layers.values():
-            h = block(h, cu_seqlens)
+            h = block(h, cu_seqlens, shard, position_ids) if shard is not None else block(h, cu_seqlens)
         return self.norm(h)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -143,10 +156,11 @@ class GLA(nn.Module):
         return F.linear(h, weight)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+        shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; a document starts wherever position_ids == 0 (None: one per row)."""
-        return self.project(self.hidden_states(input_ids, position_ids))
+        return self.project(self.hidden_states(input_ids, position_ids, shard))
 
     # -- decoding with the recurrent state (protocol of models/generate.py) -----------------
     def init_decode_state(self, batch_size: int, max_len: int) -> dict:
@@ -353,4 +367,9 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-register(ModelSpec("gla", GLA, gla_flops_per_token, parallelize_tp, "models.gla", ("gla",)))
+register(
+    ModelSpec(
+        "gla", GLA, gla_flops_per_token, parallelize_tp, "models.gla", ("gla",),
+        cp_layout="contiguous",
+    )
+)  # fmt: skip

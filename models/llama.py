@@ -8,14 +8,18 @@ attention never crosses them. Registers the `llama` family spec.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.attention import causal_attention
+from models.attention import causal_attention, sharded_causal_attention
 from models.config import ModelConfig
 from models.spec import ModelSpec, register
+
+if TYPE_CHECKING:
+    from models.context_parallel import SequenceShard
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,10 +62,13 @@ class Attention(nn.Module):
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, position_ids=None):
+    def forward(self, x, cos, sin, position_ids=None, shard: SequenceShard | None = None):
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
-        out = causal_attention(q, k, v, position_ids, self.backend)
+        if shard is not None:  # context parallel: queries here, keys/values of the whole sequence
+            out = sharded_causal_attention(q, shard.gather(k, 2), shard.gather(v, 2), shard, self.backend)
+        else:
+            out = causal_attention(q, k, v, position_ids, self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -84,8 +91,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg.dim, cfg.hidden_dim)
 
-    def forward(self, x, cos, sin, position_ids=None):
-        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids)
+    def forward(self, x, cos, sin, position_ids=None, shard: SequenceShard | None = None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, position_ids, shard)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -127,20 +134,24 @@ class Llama(nn.Module):
             return self.rope_cos[:seq_len][None, None], self.rope_sin[:seq_len][None, None]
         return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
 
-    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      shard: SequenceShard | None = None) -> torch.Tensor:
+        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows."""
         h = self.tok_embeddings(input_ids)
-        cos, sin = self.rope(position_ids, input_ids.shape[1])
+        rope_positions = shard.positions(input_ids.shape[0]) if shard is not None and position_ids is None else position_ids
+        cos, sin = self.rope(rope_positions, input_ids.shape[1])
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for block in self.layers.values():
-            h = block(h, cos, sin, position_ids)
+            h = block(h, cos, sin, position_ids, shard)
         return self.norm(h)
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         return F.linear(h, weight)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.project(self.hidden_states(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                shard: SequenceShard | None = None) -> torch.Tensor:
+        return self.project(self.hidden_states(input_ids, position_ids, shard))
 
     # -- decoding with a KV cache (protocol of models/generate.py) --------------------------
     def init_decode_state(self, batch_size: int, max_len: int) -> dict:

@@ -56,10 +56,10 @@ def block_plan(sequence_parallel: bool, qk_norm: bool = False) -> dict:
         plan |= {
             "attention_norm": SequenceParallel(),
             "ffn_norm": SequenceParallel(),
-            # attention(x, cos, sin, position_ids): gather x's sequence, leave the rest alone
+            # attention(x, cos, sin, position_ids, shard): gather x's sequence, leave the rest alone
             "attention": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None, None),
-                desired_input_layouts=(Replicate(), None, None, None),
+                input_layouts=(Shard(1), None, None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None, None),
                 use_local_output=True,
             ),
             "feed_forward": PrepareModuleInput(

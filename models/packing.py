@@ -36,6 +36,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([start_index, total]).to(torch.int32)
 
 
+def last_segment_of_rows(cu_seqlens: torch.Tensor, rows: int, row_len: int) -> torch.Tensor:
+    """Index (into the segments of cu_seqlens) of the segment ending each of `rows` rows."""
+    ends = torch.arange(1, rows + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype) * row_len
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), ends)
+
+
 def max_seqlen_from_cu_seqlens(cu_seqlens: torch.Tensor) -> int:
     """Length of the longest segment (the `max_seqlen` argument of varlen kernels)."""
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

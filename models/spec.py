@@ -32,6 +32,9 @@ class ModelSpec:
     with `hf_config(cfg)`, `to_hf(state_dict)`, `from_hf(state_dict)`, `model_config_from_hf(d)`."""
     hf_model_types: tuple[str, ...] = ()
     """The HF `config.json` `model_type` values this family's converter reads."""
+    cp_layout: str = "zigzag"
+    """How context parallelism splits a row over ranks (models.context_parallel): `zigzag`
+    balances causal softmax attention; `contiguous` lets a recurrent state pass rank to rank."""
 
     def load_hf_adapter(self) -> Any:
         if self.hf_adapter is None:

@@ -56,7 +56,7 @@ def test_degrees_resolve_and_a_wrong_product_is_a_clear_config_error():
     assert resolve_degrees(ParallelConfig(tp=2), 8) == ParallelDims(1, 4, 2)
     assert resolve_degrees(ParallelConfig(dp_replicate=2, tp=2), 8).dp_size == 4
     assert ParallelDims(1, 2, 2).dp_rank(3) == 1
-    with pytest.raises(ConfigError, match=r"dp_replicate x dp_shard x tp = 1x3x2 != world size 4"):
+    with pytest.raises(ConfigError, match=r"dp_replicate x dp_shard x cp x tp = 1x3x1x2 != world size 4"):
         resolve_degrees(ParallelConfig(dp_shard=3, tp=2), 4)
     with pytest.raises(ConfigError, match=r"tp \(3\) does not divide the world size \(4\)"):
         resolve_degrees(ParallelConfig(tp=3), 4)

@@ -39,7 +39,7 @@ def test_a_runnable_config_passes_and_says_what_it_found(tiny_corpus, tmp_path, 
     code, report = doctor(capsys, write(tmp_path, tiny_config(tiny_corpus, tmp_path / "run")), "--nproc", "2")
     checks = by_name(report)
     assert code == 0, [c for c in report["checks"] if c["status"] == "failure"]
-    assert "2 process(es) = dp_replicate 1 x dp_shard 2 x tp 1" in checks["parallel/degrees"]["detail"]
+    assert "2 process(es) = dp_replicate 1 x dp_shard 2 x cp 1 x tp 1" in checks["parallel/degrees"]["detail"]
     assert checks["data/source tiny"]["status"] == "ok" and "documents" in checks["data/source tiny"]["detail"]
     assert checks["model/parameters"]["detail"].startswith("llama, ")
     assert "free" in checks["disk/run_dir"]["detail"]
@@ -53,6 +53,7 @@ def test_a_runnable_config_passes_and_says_what_it_found(tiny_corpus, tmp_path, 
         ({"parallel.tp": 2}, 3, "parallel/degrees", "does not divide the world size (3)"),
         ({"train.eval_tasks": {"mc": "/nowhere/mc.jsonl"}}, 1, "data/task mc", "/nowhere/mc.jsonl"),
         ({"data.global_batch_size": 12, "data.micro_batch_size": 4}, 2, "parallel/batch", "not a multiple"),
+        ({"parallel.cp": 2, "data.seq_len": 30}, 2, "parallel/context_parallel", "do not split into 4 equal parts"),
     ],
 )
 def test_problems_are_named_and_exit_1(tiny_corpus, tmp_path, capsys, overrides, nproc, check, words):

@@ -1,6 +1,7 @@
 """GLA tensor parallelism on real ranks (CPU, gloo): the TP=2 model gives the unparallelized
-model's logits and parameter gradients (packed documents included), and TP / FSDP2 x TP training
-runs follow the one-process loss curve to the same final weights. Ranks and runs come from
+model's logits and parameter gradients (packed documents included), and TP / FSDP2 x TP /
+context-parallel (the state handed rank to rank) training runs follow the one-process loss curve
+to the same final weights. Ranks and runs come from
 tests/engine/distributed_runs.py."""
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ def _gla_run(key, tmp_path_factory, corpus, nproc, **parallel):
 
 @pytest.mark.parametrize(
     ("name", "nproc", "parallel"),
-    [("gla_tp2", 2, {"tp": 2}), ("gla_fsdp2xtp2", 4, {"tp": 2})],
+    [("gla_tp2", 2, {"tp": 2}), ("gla_fsdp2xtp2", 4, {"tp": 2}), ("gla_cp2", 2, {"cp": 2})],
 )
-def test_gla_training_under_tp_matches_one_process(
+def test_gla_training_under_tp_or_cp_matches_one_process(
     name, nproc, parallel, tiny_corpus, tmp_path_factory
 ):
     single = _gla_run("gla_single", tmp_path_factory, tiny_corpus, 1)
