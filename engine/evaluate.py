@@ -37,8 +37,10 @@ def evaluate(
     token_bytes: np.ndarray | None = None,
     reduce=None,
     document_masking: bool = True,
+    shard_for=None,
 ) -> dict:
-    """{'val_loss', 'val_tokens'[, 'val_bpb']} over the batches (`reduce` sums across ranks)."""
+    """{'val_loss', 'val_tokens'[, 'val_bpb']} over the batches (`reduce` sums across ranks).
+    `shard_for(batch, device)` (context parallel): this rank scores its part of every row."""
     was_training = model.training
     model.eval()
     nll, tokens, nbytes = 0.0, 0, 0
@@ -48,8 +50,13 @@ def evaluate(
         labels = batch["labels"].to(device)
         position_ids = batch.get("position_ids") if document_masking else None
         position_ids = position_ids.to(device) if position_ids is not None else None
+        shard = shard_for(batch, device) if shard_for is not None else None
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(input_ids, position_ids)
+            if shard is not None:
+                input_ids, labels, position_ids = (shard.take(x) for x in (input_ids, labels, position_ids))
+                logits = model(input_ids, position_ids, shard=shard)
+            else:
+                logits = model(input_ids, position_ids)
         nll += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
         scored = labels[labels != -100].cpu()
         tokens += scored.numel()
@@ -77,6 +84,7 @@ def evaluate_shardset(
     rank: int = 0,
     world_size: int = 1,
     reduce=None,
+    shard_for=None,
 ) -> dict:
     """`evaluate` over a ShardSet packed in document order (data_pipeline.loader.eval_batches);
     `max_batches` 0 = all of it. Every rank of `world_size` scores its share; `reduce` sums."""
@@ -86,8 +94,9 @@ def evaluate_shardset(
         shardset, seq_len, batch_size, max_batches or 10**12, cross_document_attention, rank, world_size
     )
     return evaluate(
-        model, batches, device, autocast_dtype, token_bytes, reduce, document_masking=not cross_document_attention
-    )
+        model, batches, device, autocast_dtype, token_bytes, reduce, document_masking=not cross_document_attention,
+        shard_for=shard_for,
+    )  # fmt: skip
 
 
 def gzip_bits_per_byte(texts: Iterable[str]) -> float:

@@ -272,7 +272,8 @@ class Trainer:
             cross_document_attention=self.cfg.data.cross_document_attention,
             rank=self.dp_rank,
             world_size=self.dp_size,
-            reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.batch_sharers,
+            reduce=lambda v: all_reduce_sum(v, self.ctx) / self.dims.tp,  # CP ranks score apart
+            shard_for=self.context_parallel,
         )
 
     # -- the loop ----------------------------------------------------------------------------

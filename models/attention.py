@@ -111,6 +111,9 @@ def _flex_sharded(q, k, v, shard):
         allowed = position >= kv_idx
         return allowed if doc is None else allowed & (doc[b, position] == doc[b, kv_idx])
 
-    batch = None if doc is None else q.shape[0]
-    mask = create_block_mask(visible, batch, None, q.shape[2], k.shape[2], device=q.device)
+    mask = shard.cache.get("flex_block_mask")
+    if mask is None:  # once per micro-batch, not per layer
+        batch = None if doc is None else q.shape[0]
+        mask = create_block_mask(visible, batch, None, q.shape[2], k.shape[2], device=q.device)
+        shard.cache["flex_block_mask"] = mask
     return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

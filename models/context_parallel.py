@@ -67,6 +67,7 @@ class SequenceShard:
         self.order = torch.argsort(everyone).to(device)  # gathered (rank-major) -> global order
         self.doc_ids = None if position_ids is None else document_ids(position_ids.to(device))
         self._mask: torch.Tensor | None = None
+        self.cache: dict = {}  # per-step objects the attention backends build once (block masks)
 
     def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's tokens of a [B, T, ...] tensor."""

@@ -122,3 +122,23 @@ def test_layouts_cover_the_sequence_once_and_balance_causal_work():
     assert len(set(work)) == 1
     with pytest.raises(ValueError, match=r"data.seq_len: 50 tokens do not split into 8 equal parts"):
         local_positions(50, 4, 0, "zigzag")
+
+
+def test_flex_attention_path_equals_the_masked_sdpa_path():
+    """The GPU path (FlexAttention, the rank's positions looked up in its mask function) and
+    the CPU path (SDPA with the boolean mask) agree; forward only (FlexAttention has no CPU
+    backward)."""
+    import torch.nn.functional as F
+
+    from models.attention import _flex_sharded
+
+    torch.manual_seed(0)
+    packed = torch.stack([torch.cat([torch.arange(n) for n in (5, 40, 19)]), torch.arange(64)])
+    for rank in (0, 1):
+        for position_ids in (packed, None):
+            shard = SequenceShard(None, rank, 2, 64, "zigzag", position_ids, torch.device("cpu"))
+            q, k, v = torch.randn(2, 4, 32, 16), torch.randn(2, 2, 64, 16), torch.randn(2, 2, 64, 16)
+            with torch.no_grad():
+                flex = _flex_sharded(q, k, v, shard)
+                sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=shard.attention_mask(), enable_gqa=True)
+            assert (flex - sdpa).abs().max().item() < 1e-5, (rank, position_ids is None)
