@@ -131,6 +131,56 @@ def run_ranks(nproc: int, run_dir: Path, tree: dict | None = None, resume: str |
     return Path(run_dir)
 
 
+def _function_rank_main(rank: int, size: int, port: int, fn, args: tuple, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    code = 1
+    try:
+        import json
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        result = fn(rank, *args)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_in_ranks(fn, size: int, out_dir: Path, *args, timeout: float = 180) -> list:
+    """`fn(rank, *args)` in `size` forked processes with the torch.distributed environment set
+    (fn calls `dist.init_process_group("gloo")` itself, or a trainer does); returns each rank's
+    JSON-able result, by rank. `fn` must be a module-level function (it is pickled by name)."""
+    import json
+
+    from launch.local import free_port
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    ctx = _context()
+    procs = [ctx.Process(target=_function_rank_main, args=(r, size, port, fn, args, str(out_dir))) for r in range(size)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * size, f"rank exit codes {codes} (tracebacks above, in the captured stderr)"
+    return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(size)]
+
+
 def shared_run(key: str, tmp_path_factory, corpus: Path, nproc: int, **overrides) -> Path:
     """A run several test files compare against, done once per session."""
     if key not in _SHARED:

@@ -130,53 +130,25 @@ def test_divergence_stops_without_checkpointing_the_bad_state(tiny_corpus, tmp_p
     assert state["step_guard"]["skipped_total"] == 0 and len(state["step_guard"]["losses"]) == 3
 
 
-def _poisoned_rank(rank: int, port: int, tree: dict, poisoned_ranks: list[int], out: str) -> None:
+def _poisoned_rank(rank: int, tree: dict, poisoned_ranks: list[int]) -> dict:
     """One FSDP2 rank of a 2-process run whose logits are NaN at step 3 on `poisoned_ranks` only."""
-    import os
-    import traceback
-
-    code = 1
-    try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-        torch.set_num_threads(1)
-        from engine.dist import shutdown
-
-        trainer = Trainer(load_config(tree), init_distributed("cpu"))
-        poison(trainer, {2} if rank in poisoned_ranks else set())
-        result = trainer.fit()
-        with open(f"{out}/rank{rank}.json", "w") as f:
-            json.dump({"exit_code": result.exit_code, "skipped": trainer.guard.skipped_total,
-                       "final_loss": result.final_loss}, f)  # fmt: skip
-        shutdown()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+    trainer = Trainer(load_config(tree), init_distributed("cpu"))
+    poison(trainer, {2} if rank in poisoned_ranks else set())
+    result = trainer.fit()
+    return {"exit_code": result.exit_code, "skipped": trainer.guard.skipped_total, "final_loss": result.final_loss}
 
 
 @pytest.mark.slow  # two spawned ranks, twice: ~20-40 s on 2 busy cores
 def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tiny_corpus, tmp_path):
     """Loss and grad norm are global, so a NaN on one rank is the same skip everywhere: the run
     goes on in step, exactly as when every rank saw the NaN."""
-    from distributed_runs import _context, run_tree
-
-    from launch.local import free_port
+    from distributed_runs import run_in_ranks, run_tree
 
     outcomes = {}
     for poisoned in ([1], [0, 1]):
         out = tmp_path / "".join(map(str, poisoned))
         tree = run_tree(tiny_corpus, out / "run", steps=5)
-        ctx = _context()
-        port = free_port()
-        procs = [ctx.Process(target=_poisoned_rank, args=(r, port, tree, poisoned, str(out))) for r in range(2)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(240)
-        assert [p.exitcode for p in procs] == [0, 0], poisoned
-        outcomes[tuple(poisoned)] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        outcomes[tuple(poisoned)] = run_in_ranks(_poisoned_rank, 2, out, tree, poisoned, timeout=240)
     for ranks in outcomes.values():
         assert [(r["exit_code"], r["skipped"]) for r in ranks] == [(0, 1), (0, 1)]
         assert math.isfinite(ranks[0]["final_loss"]) and ranks[0]["final_loss"] == ranks[1]["final_loss"]

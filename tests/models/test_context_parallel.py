@@ -5,21 +5,15 @@ row and with packed documents that cross rank boundaries or start exactly on one
 
 from __future__ import annotations
 
-import json
-import os
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from launch.local import free_port
 from models.config import ModelConfig
 from models.context_parallel import SequenceShard, local_positions
 from models.spec import get_spec
-from tests.engine.distributed_runs import _context
+from tests.engine.distributed_runs import run_in_ranks
 
 SEQ = 48
 TOLERANCE = 1e-5  # fp64 would be 1e-12; fp32 sums in another order: max |difference| / max |value|
@@ -60,35 +54,28 @@ def _loss(logits, labels, total):
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / total
 
 
-def _rank_main(rank: int, size: int, port: int, family: str, out_dir: str) -> None:
-    code = 1
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
-        layout = "zigzag" if family == "llama" else "contiguous"  # the trainer asks the model spec
-        result = {}
-        for case, ids, position_ids in _cases():
-            labels = torch.roll(ids, -1, dims=1)
-            reference, sharded = _model(family), _model(family)
-            full = reference(ids, position_ids)
-            _loss(full, labels, labels.numel()).backward()
+def _rank_parity(rank: int, size: int, family: str) -> dict:
+    """One CP rank: the reference model on the whole rows and a copy on this rank's part;
+    the relative differences of its logits and of the all-reduced parameter gradients."""
+    dist.init_process_group("gloo")
+    layout = "zigzag" if family == "llama" else "contiguous"  # the trainer asks the model spec
+    result = {}
+    for case, ids, position_ids in _cases():
+        labels = torch.roll(ids, -1, dims=1)
+        reference, sharded = _model(family), _model(family)
+        full = reference(ids, position_ids)
+        _loss(full, labels, labels.numel()).backward()
 
-            shard = SequenceShard(dist.group.WORLD, rank, size, SEQ, layout, position_ids, torch.device("cpu"))
-            local = sharded(shard.take(ids), shard.take(position_ids), shard=shard)
-            _loss(local, shard.take(labels), labels.numel()).backward()
-            diffs = {"logits": _diff(full[:, shard.index].detach(), local.detach())}
-            for (name, want), got in zip(reference.named_parameters(), sharded.parameters(), strict=True):
-                grad = got.grad.clone()
-                dist.all_reduce(grad)  # each rank's gradient covers its own tokens
-                diffs[name] = _diff(want.grad, grad)
-            result[case] = diffs
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+        shard = SequenceShard(dist.group.WORLD, rank, size, SEQ, layout, position_ids, torch.device("cpu"))
+        local = sharded(shard.take(ids), shard.take(position_ids), shard=shard)
+        _loss(local, shard.take(labels), labels.numel()).backward()
+        diffs = {"logits": _diff(full[:, shard.index].detach(), local.detach())}
+        for (name, want), got in zip(reference.named_parameters(), sharded.parameters(), strict=True):
+            grad = got.grad.clone()
+            dist.all_reduce(grad)  # each rank's gradient covers its own tokens
+            diffs[name] = _diff(want.grad, grad)
+        result[case] = diffs
+    return result
 
 
 def _diff(want: torch.Tensor, got: torch.Tensor) -> float:
@@ -99,16 +86,8 @@ def _diff(want: torch.Tensor, got: torch.Tensor) -> float:
     ("family", "size"), [("llama", 2), ("gla", 2), ("llama", 4), ("gla", 4), ("gla_triton", 2)]
 )
 def test_sharded_sequence_gives_the_one_process_logits_and_gradients(family, size, tmp_path):
-    port = free_port()
-    ctx = _context()
-    procs = [ctx.Process(target=_rank_main, args=(r, size, port, family, str(tmp_path))) for r in range(size)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(180)
-    assert [p.exitcode for p in procs] == [0] * size
-    for rank in range(size):
-        for case, diffs in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+    for rank, result in enumerate(run_in_ranks(_rank_parity, size, tmp_path, size, family)):
+        for case, diffs in result.items():
             worst = max(diffs, key=diffs.get)
             assert diffs[worst] <= TOLERANCE, (rank, case, worst, diffs[worst])
 

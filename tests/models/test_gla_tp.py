@@ -7,10 +7,6 @@ tests/engine/distributed_runs.py."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +16,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from engine.export import load_checkpoint_weights
-from launch.local import free_port
 from models.config import ModelConfig
 from models.spec import get_spec
-from tests.engine.distributed_runs import _context, assert_close, losses, shared_run
+from tests.engine.distributed_runs import assert_close, losses, run_in_ranks, shared_run
 
 TP = 2
 TOLERANCE = 1e-5  # fp32 logits and gradients, TP=2 vs one process: max absolute difference
@@ -98,45 +93,21 @@ def _diff(want, got) -> tuple[float, float]:
     return (got - want).abs().max().item(), want.abs().max().item()
 
 
-def _model_parity_rank(rank: int, port: int, out_dir: str, tie_embeddings: bool) -> None:
-    """One TP rank: reference model and its TP=2 copy from the same init; writes the diffs."""
-    code = 1
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP
-        )
-        reference = _tiny_model(tie_embeddings)
-        parallel = copy.deepcopy(reference)
-        get_spec("gla").parallelize_tp(parallel, init_device_mesh("cpu", (TP,)))
-        result = {
-            name: _max_diffs(reference, parallel, ids, position_ids)
-            for name, ids, position_ids in _inputs()
-        }
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+def _model_parity_rank(rank: int, tie_embeddings: bool) -> dict:
+    """One TP rank: reference model and its TP=2 copy from the same init; returns the diffs."""
+    dist.init_process_group("gloo")
+    reference = _tiny_model(tie_embeddings)
+    parallel = copy.deepcopy(reference)
+    get_spec("gla").parallelize_tp(parallel, init_device_mesh("cpu", (TP,)))
+    return {
+        name: _max_diffs(reference, parallel, ids, position_ids)
+        for name, ids, position_ids in _inputs()
+    }
 
 
 @pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
 def test_tp2_logits_and_gradients_match_one_process(tie_embeddings, tmp_path):
-    port = free_port()
-    ctx = _context()
-    procs = [
-        ctx.Process(target=_model_parity_rank, args=(r, port, str(tmp_path), tie_embeddings))
-        for r in range(TP)
-    ]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(120)
-    assert [p.exitcode for p in procs] == [0] * TP
-    for rank in range(TP):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for rank, result in enumerate(run_in_ranks(_model_parity_rank, TP, tmp_path, tie_embeddings)):
         for case, diffs in result.items():
             assert diffs.keys() >= {"logits", "grad layers.0.attention.g_norm.weight"}
             worst = max(diffs, key=lambda name: diffs[name][0])
