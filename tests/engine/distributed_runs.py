@@ -62,8 +62,8 @@ def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ["OMP_NUM_THREADS"] = "1"
-    code = 1
-    try:
+
+    def train() -> int:
         import torch
         import torch._inductor.config
 
@@ -74,7 +74,16 @@ def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume:
             torch.compile = functools.partial(torch.compile, backend=compile_backend)
         from engine.entry import run_training
 
-        code = run_training(tree, overrides, resume).exit_code
+        return run_training(tree, overrides, resume).exit_code
+
+    _exit_with(train)
+
+
+def _exit_with(body) -> None:
+    """Ends this forked rank with body()'s exit code, or 1 (traceback printed) if it raised."""
+    code = 1
+    try:
+        code = body()
     except BaseException:
         traceback.print_exc()
     finally:
@@ -134,8 +143,8 @@ def run_ranks(nproc: int, run_dir: Path, tree: dict | None = None, resume: str |
 def _function_rank_main(rank: int, size: int, port: int, fn, args: tuple, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    code = 1
-    try:
+
+    def call() -> int:
         import json
 
         import torch
@@ -146,13 +155,9 @@ def _function_rank_main(rank: int, size: int, port: int, fn, args: tuple, out_di
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         if dist.is_initialized():
             dist.destroy_process_group()
-        code = 0
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return 0
+
+    _exit_with(call)
 
 
 def run_in_ranks(fn, size: int, out_dir: Path, *args, timeout: float = 180) -> list:
