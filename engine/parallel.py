@@ -88,11 +88,10 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
 def fsdp_mesh(mesh: DeviceMesh, dims: ParallelDims) -> DeviceMesh:
     """The mesh FSDP2 shards over: dp_shard x cp flattened (the CP ranks hold the same
     parameters), with dp_replicate as the outer (HSDP) dimension when it is > 1."""
-    shard_dim = "dp_shard"
-    if dims.cp > 1:
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        shard_dim = "dp_shard_cp"
-    return mesh["dp_replicate", shard_dim] if dims.dp_replicate > 1 else mesh[shard_dim]
+    if dims.cp == 1:
+        return mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    flat = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+    return mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate > 1 else flat
 
 
 # -- 1. tensor parallel ---------------------------------------------------------------------

@@ -35,20 +35,25 @@ def local_positions(seq_len: int, size: int, rank: int, layout: Layout) -> torch
     return torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in chunks])
 
 
+# torch >= 2.14 renames the single-tensor collectives (the old names warn); 2.11 has the old ones
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _GatherSequence(torch.autograd.Function):
-    """all_gather_into_tensor along dim 0 forward, reduce_scatter (sum) backward."""
+    """All-gather along dim 0 forward, reduce-scatter (sum) backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
         ctx.group, ctx.size = group, size
         out = x.new_empty((size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        _all_gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out = grad.new_empty((grad.shape[0] // ctx.size, *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter(out, grad.contiguous(), group=ctx.group)
         return out, None, None
 
 

@@ -1,6 +1,6 @@
 """Context-parallel training on CPU (gloo): a tiny Llama whose rows are split over 2 CP ranks
 (packed documents, zigzag layout) follows the one-process loss curve (1e-4 relative), also with
-FSDP2 x CP and CP x TP (sequence parallel) on 4 processes; a CP checkpoint resumes on one process without CP and continues the
+FSDP2 x CP, HSDP x CP and CP x TP (sequence parallel) on 4 processes; a CP checkpoint resumes on one process without CP and continues the
 curve; CP settings that cannot work stop at once naming the field."""
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def test_cp2_follows_the_one_process_curve(cp2, single):
 
 @pytest.mark.parametrize(
     ("name", "parallel"),
-    [("fsdp2xcp2", {"cp": 2}), ("cp2xtp2_sequence_parallel", {"cp": 2, "tp": 2, "sequence_parallel": True})],
+    [("fsdp2xcp2", {"cp": 2}), ("hsdp2xcp2", {"cp": 2, "dp_replicate": 2}),
+     ("cp2xtp2_sequence_parallel", {"cp": 2, "tp": 2, "sequence_parallel": True})],
 )
 def test_cp_with_fsdp2_or_tp_on_four_processes_follows_the_one_process_curve(name, parallel, single, tiny_corpus, tmp_path_factory):
     run = shared_run(name, tmp_path_factory, tiny_corpus, 4, steps=10, **{f"parallel.{k}": v for k, v in parallel.items()})
