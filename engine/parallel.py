@@ -1,4 +1,4 @@
-"""Parallelism: the device mesh and, in order, TP -> activation checkpointing -> compile -> FSDP2.
+"""Parallelism: the device mesh and, in order, float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 `parallelize_model` applies one small function per concern in that order. The mesh is
 (dp_replicate, dp_shard, tp) with tp innermost; FSDP2 shards over dp_shard (HSDP: replicated
@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from engine.config import ConfigError, ParallelConfig
 from engine.dist import DistContext
+from engine.float8 import apply_float8
 
 if TYPE_CHECKING:
     from models.spec import ModelSpec
@@ -162,13 +163,14 @@ def set_microbatch_grad_sync(model: nn.Module, last: bool, accumulate_unsharded:
 def parallelize_model(
     model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None
 ) -> nn.Module:
-    """TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
+    """float8 Linears -> TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
 
     `spec` is the family's ModelSpec (looked up from `model.cfg.family` if None); its
     `parallelize_tp(model, tp_mesh, **options)` may take `sequence_parallel` / `loss_parallel`.
     """
     dims = resolve_degrees(cfg, ctx.world_size)
     mesh = build_mesh(dims, ctx.device.type) if dist.is_initialized() else None
+    apply_float8(model, cfg.float8, ctx.device, fsdp=mesh is not None and dims.dp_shard > 1)  # first: swaps Linears
     if dims.tp > 1:
         if spec is None:
             from models.spec import get_spec
