@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import importlib.util
 from typing import NamedTuple
 
 import torch
@@ -32,8 +31,10 @@ class Float8Plan(NamedTuple):
 def check_float8_supported(cfg: Float8Config, device: torch.device) -> None:
     """ConfigError naming the field unless torchao is installed and `device` runs float8 GEMMs
     (or `cfg.emulate`)."""
-    if importlib.util.find_spec("torchao") is None:
-        raise ConfigError("parallel.float8.enabled: float8 training needs torchao: pip install 'strata[gpu]'")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError as err:  # not installed, or built for another torch
+        raise ConfigError(f"parallel.float8.enabled: float8 training needs torchao ({err}): pip install 'strata[gpu]'") from None
     if cfg.emulate:
         return
     where = device.type

@@ -10,7 +10,7 @@ what training moves the loss by (~0.5 over these steps) or what a wrong scale wo
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 
 import pytest
 import torch
@@ -145,8 +145,7 @@ def test_config_errors_name_the_fields(tiny_corpus, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"parallel\.float8\.enabled: .*compute capability >= 8\.9 .*"
                                           r"this run is on cpu; set parallel\.float8\.emulate=true"):
         build_model(on_cpu, DistContext(0, 1, 0, CPU))
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as if torchao were not installed
     with pytest.raises(ConfigError, match=r"parallel\.float8\.enabled: .*pip install 'strata\[gpu\]'"):
         build_model(load_config(tree, ["parallel.float8.enabled=true", "parallel.float8.emulate=true"]), DistContext(0, 1, 0, CPU))
 
