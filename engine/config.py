@@ -129,8 +129,6 @@ class ParallelConfig(BaseModel):
     def _check(self) -> ParallelConfig:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ValueError("dp_shard must be a positive degree or -1 (the rest of the world)")
-        if self.float8.enabled and self.tp > 1:
-            raise ValueError("float8.enabled with tp > 1 is not supported yet: set parallel.tp: 1 or parallel.float8.enabled: false")
         return self
 
 

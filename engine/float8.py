@@ -1,7 +1,8 @@
 """Float8 training with torchao: swaps a model's nn.Linear layers for torchao's Float8Linear and
 runs FSDP2's per-step float8 scale precompute. Owns the device/recipe checks and which layers
-convert; the other parallelisms stay in engine.parallel. Float8 with tensor parallelism
-(parallel.tp > 1) is refused at config load: the families' TP plans do not use torchao's float8 styles.
+convert; the other parallelisms stay in engine.parallel. Tensor parallelism uses the families'
+plain TP plans over Float8Linear (scales reduce over the sharded DTensor weight: the same
+numbers as one process); torchao's float8 TP styles (float8 all-gather of activations) are not used.
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ def _plain_weight_in_state_dict(module: nn.Module, state_dict: dict, prefix: str
 
 def precompute_float8_scales(model: nn.Module, cfg: Float8Config) -> None:
     """After optimizer.step(): with FSDP2 float8 all-gather, one all-reduce computes every float8
-    weight's scale for the next forward (torchao). A no-op in every other setting."""
+    weight's scale for the next forward (torchao). A no-op in every other setting.
+    (Before the first call, torchao's all-gather reduces the amax over the FSDP mesh only: with
+    TP as well, step 1 scales each TP shard on its own; measured on CPU, FSDP2 x TP2 stays within
+    2e-4 of one process, and from step 2 on the scales are whole-tensor.)"""
     if cfg.enabled and cfg.fsdp_float8_all_gather:
         from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
