@@ -74,6 +74,35 @@ class TrainConfig(BaseModel):
         return check_metric_names(value, "task")
 
 
+class Float8Config(BaseModel):
+    """Float8 training with torchao (engine.float8): Linear layers compute in float8 on H100-class GPUs."""
+
+    model_config = STRICT
+
+    enabled: bool = Field(False, description="float8 matmuls in the Linear layers (NVIDIA compute capability >= 8.9)")
+    recipe: Literal["tensorwise", "rowwise"] = Field(
+        "tensorwise", description="torchao scaling recipe: one scale per tensor (fastest), or per row (more accurate)"
+    )
+    fsdp_float8_all_gather: bool = Field(
+        False, description="FSDP2 all-gathers the weights in float8 (half the bytes of bf16); tensorwise only"
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["output"],
+        description="module names (globs, e.g. layers.*.feed_forward.w2) kept in high precision; "
+        "Linears whose in/out features are not multiples of 16 are always kept",
+    )
+    emulate: bool = Field(False, description="torchao's emulation (plain matmuls): runs anywhere, for CPU tests only")
+
+    @model_validator(mode="after")
+    def _check(self) -> Float8Config:
+        if self.fsdp_float8_all_gather and self.recipe != "tensorwise":
+            raise ValueError(
+                f"fsdp_float8_all_gather needs recipe: tensorwise (float8 all-gather uses one scale per "
+                f"weight), not {self.recipe}"
+            )
+        return self
+
+
 class ParallelConfig(BaseModel):
     model_config = STRICT
 
@@ -97,6 +126,7 @@ class ParallelConfig(BaseModel):
         "(full-size gradients held between micro-batches: less communication, more memory); "
         "HSDP's cross-replica all-reduce always waits for the last micro-batch",
     )
+    float8: Float8Config = Field(default_factory=Float8Config)
 
     @model_validator(mode="after")
     def _check(self) -> ParallelConfig:

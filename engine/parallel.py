@@ -1,4 +1,4 @@
-"""Parallelism: the device mesh and, in order, TP -> activation checkpointing -> compile -> FSDP2.
+"""Parallelism: the device mesh and, in order, float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 `parallelize_model` applies one small function per concern in that order. The mesh is
 (dp_replicate, dp_shard, cp, tp) with tp innermost; FSDP2 shards over dp_shard x cp (HSDP:
@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from engine.config import ConfigError, ParallelConfig, StrataConfig
 from engine.dist import DistContext
+from engine.float8 import apply_float8
 
 if TYPE_CHECKING:
     from models.spec import ModelSpec
@@ -190,7 +191,7 @@ def parallelize_model(
     model: nn.Module, cfg: ParallelConfig, ctx: DistContext, spec: ModelSpec | None = None,
     mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
+    """float8 Linears -> TP -> activation checkpointing -> compile -> FSDP2, as the config and world ask.
 
     `spec` is the family's ModelSpec (looked up from `model.cfg.family` if None); its
     `parallelize_tp(model, tp_mesh, **options)` may take `sequence_parallel` / `loss_parallel`.
@@ -199,6 +200,7 @@ def parallelize_model(
     dims = resolve_degrees(cfg, ctx.world_size)
     if mesh is None and dist.is_initialized():
         mesh = build_mesh(dims, ctx.device.type)
+    apply_float8(model, cfg.float8, ctx.device, fsdp=mesh is not None and dims.dp_shard * dims.cp > 1)  # first: swaps Linears
     if dims.tp > 1:
         if spec is None:
             from models.spec import get_spec

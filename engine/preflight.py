@@ -118,6 +118,7 @@ def config_checks(cfg, world_size: int) -> list[Check]:
     checks: list[Check] = []
     checks.extend(_parallel_checks(cfg, world_size))
     checks.extend(_backend_checks(cfg))
+    checks.extend(_float8_checks(cfg))
     params = _model_params(cfg, checks)
     checks.extend(_data_checks(cfg))
     checks.extend(_disk_checks(cfg, params))
@@ -181,6 +182,32 @@ def _backend_checks(cfg) -> list[Check]:
     if cfg.parallel.compile and not cuda:
         checks.append(Check("model", "compile", INFO, "torch.compile on CPU works but rarely pays off"))
     return checks
+
+
+def _float8_checks(cfg) -> list[Check]:
+    """parallel.float8: which Linear layers convert, and whether this machine can run them."""
+    from engine.config import ConfigError
+    from engine.float8 import check_float8_supported, float8_plan
+    from models.spec import get_spec
+
+    f8 = cfg.parallel.float8
+    if not f8.enabled:
+        return []
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    try:
+        check_float8_supported(f8, device)
+    except ConfigError as err:
+        return [Check("parallel", "float8", FAIL, str(err).removeprefix("parallel.float8.enabled: "),
+                      "parallel.float8.enabled: false, or run on H100/H200-class GPUs")]  # fmt: skip
+    try:
+        with torch.device("meta"):
+            plan = float8_plan(get_spec(cfg.model.family).build(cfg.model), f8)
+    except (ValueError, ImportError):  # the model build check below reports it
+        return []
+    skipped = f" ({', '.join(plan.skipped[:4])}{', ...' if len(plan.skipped) > 4 else ''})" if plan.skipped else ""
+    how = f"{f8.recipe}{', emulated' if f8.emulate else ''}{', float8 all-gather' if f8.fsdp_float8_all_gather else ''}"
+    return [Check("parallel", "float8", OK, f"{how}: {len(plan.converted)} Linear layers in float8, "
+                  f"{len(plan.skipped)} kept in high precision{skipped}")]  # fmt: skip
 
 
 def _model_params(cfg, checks: list[Check]) -> int | None:

@@ -27,6 +27,7 @@ from engine.continual import resolve_continual, run_schedule, start_continual_ru
 from engine.dist import DistContext, all_reduce_sum
 from engine.downstream import prepare_tasks, task_metrics
 from engine.evaluate import evaluate_shardset, token_byte_lengths
+from engine.float8 import precompute_float8_scales
 from engine.metrics import MetricsSink, ProgressLine, device_peak_flops
 from engine.optim import build_optimizer
 from engine.parallel import (
@@ -232,6 +233,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+            precompute_float8_scales(self.model, self.cfg.parallel.float8)  # FSDP2 float8 all-gather only
         elif self.ctx.is_main:
             print(f"step {self.step + 1} skipped: {verdict.reason}", flush=True)
         self.optimizer.zero_grad(set_to_none=True)
