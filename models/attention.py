@@ -34,6 +34,15 @@ def _flash_attn_varlen():
 
 
 @functools.cache
+def _flex_attention(cuda: bool):
+    """FlexAttention, compiled on CUDA (eager FlexAttention is an unfused reference path there:
+    slow and O(T^2) memory); eager elsewhere (the CPU forward used by tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if cuda else flex_attention
+
+
+@functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
 
@@ -77,7 +86,7 @@ def _flash_varlen(q, k, v, position_ids):
 
 
 def _flex(q, k, v, position_ids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     doc = torch.cumsum((position_ids == 0).int(), dim=1)  # [B, T] document index per token
 
@@ -85,7 +94,7 @@ def _flex(q, k, v, position_ids):
         return (q_idx >= kv_idx) & (doc[b, q_idx] == doc[b, kv_idx])
 
     mask = create_block_mask(same_doc_causal, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def sharded_causal_attention(
@@ -102,7 +111,7 @@ def sharded_causal_attention(
 
 
 def _flex_sharded(q, k, v, shard):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     index, doc = shard.index, shard.doc_ids
 
@@ -116,4 +125,4 @@ def _flex_sharded(q, k, v, shard):
         batch = None if doc is None else q.shape[0]
         mask = create_block_mask(visible, batch, None, q.shape[2], k.shape[2], device=q.device)
         shard.cache["flex_block_mask"] = mask
-    return flex_attention(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    return _flex_attention(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
