@@ -1,4 +1,5 @@
-"""Context-parallel training on CPU (gloo): a tiny Llama whose rows are split over 2 CP ranks
+"""Context-parallel training on CPU (gloo): a tiny Llama whose rows are split over 2 CP ranks (also
+with full activation checkpointing)
 (packed documents, zigzag layout) follows the one-process loss curve (1e-4 relative), also with
 FSDP2 x CP, HSDP x CP and CP x TP (sequence parallel) on 4 processes; a CP checkpoint resumes on one process without CP and continues the
 curve; CP settings that cannot work stop at once naming the field."""
@@ -23,6 +24,13 @@ def single(tiny_corpus, tmp_path_factory):
 def cp2(tiny_corpus, tmp_path_factory):
     return shared_run("cp2", tmp_path_factory, tiny_corpus, 2, steps=20,
                       **{"parallel.cp": 2, "checkpoint.every": 10})  # fmt: skip
+
+
+def test_cp2_with_activation_checkpointing_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory):
+    """Recomputed blocks gather K/V again in backward, in the same order on every rank."""
+    run = shared_run("cp2_full_ac", tmp_path_factory, tiny_corpus, 2, steps=10,
+                     **{"parallel.cp": 2, "parallel.activation_checkpointing": "full"})  # fmt: skip
+    assert_close(losses(run), losses(single), range(1, 11))
 
 
 def test_cp2_follows_the_one_process_curve(cp2, single):
