@@ -1,8 +1,8 @@
-"""Context-parallel training on CPU (gloo): a tiny Llama whose rows are split over 2 CP ranks (also
-with full activation checkpointing)
+"""Context-parallel training on CPU (gloo): a tiny Llama whose rows are split over 2 CP ranks
 (packed documents, zigzag layout) follows the one-process loss curve (1e-4 relative), also with
-FSDP2 x CP, HSDP x CP and CP x TP (sequence parallel) on 4 processes; a CP checkpoint resumes on one process without CP and continues the
-curve; CP settings that cannot work stop at once naming the field."""
+full activation checkpointing, and FSDP2 x CP, HSDP x CP and CP x TP (sequence parallel) on 4
+processes; a CP checkpoint resumes on one process without CP and continues the curve; CP settings
+that cannot work stop at once naming the field."""
 
 from __future__ import annotations
 
