@@ -1,5 +1,6 @@
 """Activation checkpointing (selective every k-th block, op-level, full) and per-block
-torch.compile give the plain run's losses (1e-4 relative) on CPU, also under tensor parallel."""
+torch.compile give the plain run's losses (1e-4 relative) on CPU, also under tensor and context
+parallel."""
 
 from __future__ import annotations
 
@@ -36,6 +37,14 @@ def test_compile_and_ac_under_tensor_and_sequence_parallel_match_plain(plain, ti
     wrong; aot_eager keeps it without the C++ build)."""
     options = {"parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.compile": True,
                "parallel.activation_checkpointing": "selective", "parallel.ac_every": 2, "data.val_path": None}
+    tree = run_tree(tiny_corpus, tmp_path / "run", **options)
+    assert_close(losses(run_ranks(2, tmp_path / "run", tree, compile_backend="aot_eager")), plain, STEPS)
+
+
+def test_compile_under_context_parallel_matches_plain(plain, tiny_corpus, tmp_path):
+    """Compiled blocks take the SequenceShard and run the K/V all-gather (an autograd Function
+    around a collective) inside."""
+    options = {"parallel.cp": 2, "parallel.compile": True, "data.val_path": None}
     tree = run_tree(tiny_corpus, tmp_path / "run", **options)
     assert_close(losses(run_ranks(2, tmp_path / "run", tree, compile_backend="aot_eager")), plain, STEPS)
 
