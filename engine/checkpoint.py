@@ -5,7 +5,9 @@ Layout: `<run>/checkpoints/step_00000100/` holding the DCP shards of model + opt
 schedule and sampler state: world-size independent), `rng_rank<r>.pt`, and `COMPLETE`
 (written last, lists every file's size). Everything is written into `step_N.tmp` and renamed
 when complete, so a crash leaves no directory that looks complete. A checkpoint with a missing
-or mismatching marker, or whose load raises, is skipped with a warning for the previous one.
+or mismatching marker, or whose load raises, is skipped with a warning for the previous one. With `checkpoint.mirror`
+each committed directory is also uploaded (engine.checkpoint_mirror), and a resume that finds no
+usable local checkpoint fetches the newest intact one from the mirror.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from engine.config import ConfigError
 from engine.dist import DistContext, all_reduce_sum, barrier
+
+if TYPE_CHECKING:
+    from engine.checkpoint_mirror import CheckpointMirror
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +119,7 @@ def _one_process_is_the_intent() -> Iterator[None]:
         yield
 
 
-def _warn_skip(path: Path, problem: str, loud: bool = True) -> None:
+def _warn_skip(path: Path | str, problem: str, loud: bool = True) -> None:
     log.warning("skipping checkpoint %s: %s; trying the previous one", path, problem)
     if loud:
         print(f"warning: skipping checkpoint {path}: {problem}; using the previous one", flush=True)
@@ -190,12 +195,19 @@ class Checkpointer:
 
     At most one async save is in flight: `poll()` (every step) commits it once all ranks have
     written it, the next save or `wait()` waits for it; the commit (marker + rename) only ever
-    follows finished writes, so a checkpoint never looks complete early.
+    follows finished writes, so a checkpoint never looks complete early. With a `mirror` URL,
+    rank 0 uploads each committed directory in the background (`wait()` waits for it too).
     """
 
-    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False):
+    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False,
+                 mirror: str | None = None, mirror_keep_last: int | None = None):  # fmt: skip
         self.root, self.ctx, self.keep_last, self.async_save = Path(root), ctx, keep_last, async_save
         self._pending: _PendingSave | None = None
+        self.mirror: CheckpointMirror | None = None
+        if mirror:
+            from engine.checkpoint_mirror import CheckpointMirror  # it builds on this module
+
+            self.mirror = CheckpointMirror(mirror, mirror_keep_last or keep_last, scratch=self.root)
         # async writes run collectives from a background thread: give them their own group
         self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
@@ -212,7 +224,7 @@ class Checkpointer:
         Async (`blocking=False`, or None with async_save on): returns once the state is staged
         in host memory; the files are written in the background and committed later.
         """
-        self.wait()
+        self._finish_async_save()
         blocking = not self.async_save if blocking is None else blocking
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
@@ -236,15 +248,24 @@ class Checkpointer:
         return final
 
     def wait(self) -> Path | None:
-        """Finishes and commits the async save in flight, if any; returns its directory."""
+        """Finishes and commits the async save in flight, if any, then waits for the mirror
+        upload in flight; returns the directory committed here, if any."""
+        final = self._finish_async_save()
+        if self.mirror is not None and self.ctx.is_main:
+            self.mirror.wait()
+            if self.mirror.uploaded or self.mirror.failed_uploads:
+                print(self.mirror.summary(), flush=True)
+        return final
+
+    close = wait
+
+    def _finish_async_save(self) -> Path | None:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         pending.future.result()
         self._commit(pending.step, pending.tmp, pending.final)
         return pending.final
-
-    close = wait
 
     def poll(self) -> Path | None:
         """Commits the async save in flight once every rank has finished writing it (a cheap
@@ -254,11 +275,13 @@ class Checkpointer:
         unfinished = 0 if self._pending.future.done() else 1
         if all_reduce_sum(unfinished, self.ctx) > 0:
             return None
-        return self.wait()
+        return self._finish_async_save()
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         barrier(self.ctx)  # every rank's shards are on disk
         if self.ctx.is_main:
+            if self.mirror is not None:  # its upload may read a directory this commit replaces or prunes
+                self.mirror.wait()
             sizes = _fsync_tree(tmp)
             marker = tmp / (MARKER + TMP_SUFFIX)
             marker.write_text(json.dumps({"step": step, "files": sizes}))
@@ -273,6 +296,8 @@ class Checkpointer:
             _fsync_dir(self.root)
             shutil.rmtree(old, ignore_errors=True)
             self._prune()
+            if self.mirror is not None:
+                self.mirror.submit(step, final)
         barrier(self.ctx)
 
     def _prune(self) -> None:
@@ -309,16 +334,64 @@ class Checkpointer:
         """Loads the newest checkpoint that verifies and loads; skips (and says so) the others.
 
         Every rank sees the same files and DCP raises a failed read on every rank, so all
-        ranks skip the same checkpoints. None when there is no usable checkpoint.
+        ranks skip the same checkpoints. With a mirror and no usable local checkpoint, the
+        newest intact mirrored one is downloaded and loaded. None when there is none anywhere.
         """
         for path in list_checkpoints(self.root):
             problem = verify(path)
             if problem is None:
-                try:
-                    return path, self.load(path, model, optimizer)
-                except (Exception, CheckpointException) as err:  # a corrupt file of the right size
-                    problem = f"loading failed ({_first_line(err)})"
-                    if any(marker in str(err) for marker in MISMATCH_MARKERS):
-                        raise CheckpointMismatch(path, _first_line(err)) from None
+                loaded, problem = self._try_load(path, model, optimizer)
+                if loaded is not None:
+                    return path, loaded
             _warn_skip(path, problem, loud=self.ctx.is_main)
+        return self._load_from_mirror(model, optimizer) if self.mirror is not None else None
+
+    def _try_load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> tuple[dict | None, str]:  # fmt: skip
+        """(trainer state, "") or (None, why loading failed); a config mismatch raises."""
+        try:
+            return self.load(path, model, optimizer), ""
+        except (Exception, CheckpointException) as err:  # a corrupt file of the right size
+            if any(marker in str(err) for marker in MISMATCH_MARKERS):
+                raise CheckpointMismatch(path, _first_line(err)) from None
+            return None, f"loading failed ({_first_line(err)})"
+
+    def _load_from_mirror(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                          ) -> tuple[Path, dict] | None:  # fmt: skip
+        """Newest first, each node's LOCAL_RANK 0 downloads a mirrored step for its node (the
+        others wait); all ranks load it once every rank sees it intact, else try the previous."""
+        assert self.mirror is not None
+        for step in self._mirror_steps():
+            problem = None
+            if self.ctx.local_rank == 0:
+                try:
+                    problem = self.mirror.fetch(step, self.root)
+                except Exception as err:  # the store failed mid-download: try the previous step
+                    problem = f"download failed ({_first_line(err)})"
+            barrier(self.ctx)
+            path = self.root / step_dir_name(step)
+            problem = problem or verify(path)
+            if all_reduce_sum(1 if problem else 0, self.ctx) == 0:
+                if self.ctx.is_main:
+                    print(f"fetched checkpoint {self.mirror.url}/{path.name} into {path}", flush=True)
+                loaded, problem = self._try_load(path, model, optimizer)
+                if loaded is not None:
+                    return path, loaded
+            _warn_skip(f"{self.mirror.url}/{path.name}", problem or "broken on another node", loud=self.ctx.is_main)
         return None
+
+    def _mirror_steps(self) -> list[int]:
+        """The mirror's complete steps, newest first, as rank 0 lists them (the same on every rank)."""
+        assert self.mirror is not None
+        listing: list = [None]
+        if self.ctx.is_main:
+            try:
+                listing[0] = self.mirror.complete_steps()
+            except Exception as err:
+                listing[0] = _first_line(err)
+        if self.ctx.distributed:
+            dist.broadcast_object_list(listing, src=0)
+        if isinstance(listing[0], str):
+            raise ConfigError(f"checkpoint.mirror: cannot list {self.mirror.url} ({listing[0]}); "
+                              "no local checkpoint either, so resuming would start over at step 0")  # fmt: skip
+        return listing[0]

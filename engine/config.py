@@ -142,6 +142,9 @@ class CheckpointConfig(BaseModel):
     keep_last: int = Field(3, gt=0)
     async_save: bool = False
     save_final: bool = True
+    mirror: str | None = Field(None, description="also upload each checkpoint here (s3://bucket/prefix, gs://, oci://, azure://, or a path), "
+                               "in the background; `--resume` with no local checkpoint fetches the newest intact one from here")
+    mirror_keep_last: int | None = Field(None, gt=0, description="complete checkpoints kept in the mirror; None = keep_last")
 
 
 class LoggingConfig(BaseModel):

@@ -136,7 +136,8 @@ class Trainer:
         if longest > cfg.model.max_seq_len:
             raise ValueError(f"data.decomposition: rows of {longest} tokens exceed model.max_seq_len ({cfg.model.max_seq_len})")
         self.checkpointer = Checkpointer(
-            self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save
+            self.run_dir / "checkpoints", ctx, cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+            mirror=cfg.checkpoint.mirror, mirror_keep_last=cfg.checkpoint.mirror_keep_last,
         )
         self.stop = StopRequest().install()
         self.guard = StepGuard.from_config(cfg.optim)
