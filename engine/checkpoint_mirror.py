@@ -302,12 +302,11 @@ def _install(tmp: Path, final: Path) -> None:
 
 def mirror_writable(url: str, scratch: Path) -> str | None:
     """None when a probe file can be written, listed and deleted in the mirror, else the error."""
-    store = RemoteStore(url, scratch)
-    probe_dir = Path(scratch) / f".mirror-probe-{os.getpid()}"
-    probe_dir.mkdir(parents=True, exist_ok=True)
+    probe_dir = Path(tempfile.mkdtemp(prefix=".mirror-probe-", dir=scratch))
     (probe_dir / "probe").write_text("strata doctor\n")
     rel = f".strata-probe-{socket.gethostname()}-{os.getpid()}"
     try:
+        store = RemoteStore(url, scratch)
         store.upload(probe_dir, rel, ["probe"])
         if f"{rel}/probe" not in store.files(rel + "/"):
             return "the uploaded probe file is not listed"

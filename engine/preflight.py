@@ -122,6 +122,7 @@ def config_checks(cfg, world_size: int) -> list[Check]:
     params = _model_params(cfg, checks)
     checks.extend(_data_checks(cfg))
     checks.extend(_disk_checks(cfg, params))
+    checks.extend(_mirror_check(cfg))
     if params and torch.cuda.is_available():
         checks.append(_gpu_memory_check(cfg, params, world_size))
     return checks
@@ -280,6 +281,23 @@ def _disk_checks(cfg, params: int | None) -> list[Check]:
     return [Check("disk", "run_dir", status, f"{run_dir}: {_gib(free)} free; {cfg.checkpoint.keep_last} kept "
                   f"checkpoints + 1 in flight need ~{_gib(need)}",
                   "" if status == OK else "free space, lower checkpoint.keep_last, or move train.run_dir")]  # fmt: skip
+
+
+def _mirror_check(cfg) -> list[Check]:
+    """checkpoint.mirror: a probe file is written, listed and deleted there."""
+    import tempfile
+
+    from engine.checkpoint_mirror import mirror_writable
+
+    url = cfg.checkpoint.mirror
+    if not url:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        problem = mirror_writable(url, Path(scratch))
+    if problem is None:
+        return [Check("disk", "checkpoint mirror", OK, f"{url}: writable")]
+    return [Check("disk", "checkpoint mirror", FAIL, f"{url}: {problem}",
+                  "check the bucket and credentials (AWS_*/S3_ENDPOINT_URL, GCS_*, ~/.oci/config, AZURE_*)")]  # fmt: skip
 
 
 def _context_parallel_check(cfg, dims) -> Check:

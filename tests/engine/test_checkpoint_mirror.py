@@ -1,7 +1,7 @@
 """Checkpoint mirror: a 2-process run uploads its checkpoints to S3 (a local moto server, the
 real S3 protocol) and prunes them; a fresh machine resumes from the bucket on 1 process and
 continues the loss curve (1e-4); a remote step without its marker or with a truncated file is
-skipped for the previous one; an unreachable mirror never stops training; a path mirror works."""
+skipped for the previous one; an unreachable mirror never stops training; a path mirror works; `strata doctor` probes it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,11 @@ from distributed_runs import assert_close, losses, run_ranks, run_tree
 
 from engine import checkpoint_mirror
 from engine.checkpoint import MARKER, Checkpointer, list_checkpoints, verify
-from engine.checkpoint_mirror import CheckpointMirror, mirror_writable
+from engine.checkpoint_mirror import CheckpointMirror
+from engine.config import load_config
 from engine.dist import DistContext
+from engine.preflight import config_checks
+from tests.conftest import tiny_config
 
 BUCKET = "strata-ckpt"
 STEPS, EVERY = 11, 3  # checkpoints at 3, 6, 9 (no final one): the mirror keeps 6 and 9
@@ -161,7 +164,6 @@ def test_path_mirror_round_trip_and_connection_refused(tmp_path, monkeypatch, ca
     assert path == tmp_path / "c" / "step_00000003" and state["tokens_seen"] == 3
     want, _ = _model_and_optimizer(3)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), want.state_dict().values(), strict=True))
-    assert mirror_writable(str(mirror), tmp_path / "c") is None
 
     # connection refused: retried, counted, reported; the local checkpoint is intact
     for key, value in {"S3_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1", "AWS_ACCESS_KEY_ID": "testing",
@@ -175,4 +177,12 @@ def test_path_mirror_round_trip_and_connection_refused(tmp_path, monkeypatch, ca
     assert offline.mirror.failed_uploads == 1 and "Could not connect" in offline.mirror.last_error
     assert verify(tmp_path / "d" / "step_00000004") is None
     assert "0 uploaded, 1 failed" in capsys.readouterr().out
-    assert mirror_writable(f"s3://{BUCKET}/x", tmp_path / "d") is not None
+
+
+def test_doctor_checks_that_the_mirror_is_writable(s3, tiny_corpus, tmp_path):
+    for mirror, status in ((f"s3://{BUCKET}/doctor", "ok"), ("s3://strata-no-such-bucket/x", "failure"),
+                           (str(tmp_path / "nfs"), "ok"), ("hf://datasets/x", "failure")):  # fmt: skip
+        cfg = load_config(tiny_config(tiny_corpus, tmp_path / "run", **{"checkpoint.mirror": mirror}))
+        [check] = [c for c in config_checks(cfg, 1) if c.name == "checkpoint mirror"]
+        assert check.status == status, check
+    assert _keys(s3, "doctor/") == [] and list((tmp_path / "nfs").iterdir()) == []  # the probe is gone
