@@ -227,16 +227,17 @@ class CheckpointMirror:
             return
         self.uploaded.append(step)
         try:
-            self.prune()
+            self.prune(keep=step)
         except Exception as err:
             log.warning("checkpoint mirror: pruning %s failed (%s)", self.url, _first_line(err))
 
-    def prune(self) -> None:
-        """Keeps the newest `keep_last` complete steps; deletes older ones and incomplete leftovers
-        (called after an upload, so none is in flight). A marker goes first: never a complete-looking half."""
+    def prune(self, keep: int | None = None) -> None:
+        """Keeps the newest `keep_last` complete steps (and `keep`, the one just uploaded, even if
+        another run left newer ones here); deletes older ones and incomplete leftovers (called
+        after an upload, so none is in flight). A marker goes first: never a complete-looking half."""
         by_step = _steps(self.store.files())
         complete = sorted((s for s, files in by_step.items() if MARKER in files), reverse=True)
-        doomed = [s for s in by_step if s not in complete[: self.keep_last]]
+        doomed = [s for s in by_step if s not in complete[: self.keep_last] and s != keep]
         for step in sorted(doomed):
             name, files = step_dir_name(step), by_step[step]
             if MARKER in files:
