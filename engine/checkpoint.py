@@ -5,9 +5,9 @@ Layout: `<run>/checkpoints/step_00000100/` holding the DCP shards of model + opt
 schedule and sampler state: world-size independent), `rng_rank<r>.pt`, and `COMPLETE`
 (written last, lists every file's size). Everything is written into `step_N.tmp` and renamed
 when complete, so a crash leaves no directory that looks complete. A checkpoint with a missing
-or mismatching marker, or whose load raises, is skipped with a warning for the previous one. With `checkpoint.mirror`
-each committed directory is also uploaded (engine.checkpoint_mirror), and a resume that finds no
-usable local checkpoint fetches the newest intact one from the mirror.
+or mismatching marker, or whose load raises, is skipped with a warning for the previous one.
+With `checkpoint.mirror` each committed directory is also uploaded (engine.checkpoint_mirror),
+and a resume that finds no usable local checkpoint fetches the newest intact one from there.
 """
 
 from __future__ import annotations
