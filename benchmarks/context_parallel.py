@@ -149,7 +149,7 @@ def measure(model, ids, labels, cfg, cp, rank, group, layout) -> dict:
             kinds["full_sequence"] += nbytes
         else:  # [.., T_local, ..]: this rank's tokens (logits [B, T_local, V] too)
             kinds["local"] += nbytes
-    bool_mask = shard._mask if shard is not None else None  # built once per step (Llama, CPU path)
+    bool_mask = shard.cache.get("bool_mask") if shard is not None else None  # built once per step (Llama, CPU path)
     if cp > 1:
         dist.all_reduce(loss_sum, group=group)
     return {"saved_bytes": sum(kinds.values()), **{f"saved_{k}_bytes": v for k, v in kinds.items()}, **comm,

@@ -107,7 +107,7 @@ def sharded_causal_attention(
         _warn_once("attn_backend=flash: context parallelism uses FlexAttention/SDPA (flash-attn varlen cannot take the rank's zigzag queries)")
     if backend in ("auto", "flash", "flex") and q.is_cuda:
         return _flex_sharded(q, k, v, shard)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=shard.attention_mask(), enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=shard.attention_bias(q.dtype), enable_gqa=gqa)
 
 
 def _flex_sharded(q, k, v, shard):

@@ -71,8 +71,7 @@ class SequenceShard:
         everyone = torch.cat([local_positions(seq_len, size, r, layout) for r in range(size)])
         self.order = torch.argsort(everyone).to(device)  # gathered (rank-major) -> global order
         self.doc_ids = None if position_ids is None else document_ids(position_ids.to(device))
-        self._mask: torch.Tensor | None = None
-        self.cache: dict = {}  # per-step objects the attention backends build once (block masks)
+        self.cache: dict = {}  # per-step objects the attention backends build once (masks)
 
     def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's tokens of a [B, T, ...] tensor."""
@@ -94,13 +93,22 @@ class SequenceShard:
 
     def attention_mask(self) -> torch.Tensor:
         """Bool [B|1, 1, T_local, T]: local query i may see global key j (causal, same document)."""
-        if self._mask is None:
+        if "bool_mask" not in self.cache:
             keys = torch.arange(self.seq_len, device=self.index.device)
             mask = (self.index[:, None] >= keys[None, :])[None]
             if self.doc_ids is not None:
                 mask = mask & (self.doc_ids[:, self.index, None] == self.doc_ids[:, None, :])
-            self._mask = mask[:, None]
-        return self._mask
+            self.cache["bool_mask"] = mask[:, None]
+        return self.cache["bool_mask"]
+
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as SDPA's additive float bias (0 / -inf), built once per step: a bool mask
+        would be converted, and the copy saved for backward, in every layer."""
+        key = ("bias", dtype)
+        if key not in self.cache:
+            bias = torch.zeros(self.attention_mask().shape, dtype=dtype, device=self.index.device)
+            self.cache[key] = bias.masked_fill_(~self.attention_mask(), float("-inf"))
+        return self.cache[key]
 
 
 def gla_carry_in(
