@@ -1,9 +1,10 @@
 """Pipeline parallelism on CPU (gloo): a tiny untied 4-layer Llama split into pipeline stages
 follows the one-process loss and grad-norm curves (1e-4 relative) under 1F1B and GPipe on 2
 processes and interleaved 1F1B x FSDP2 on 4 (2 stages per rank); eval through the pipeline
-scores the same tokens; a 3-layer GLA splits unevenly (2 + 1 layers) and follows its curve; a
-pp=2 checkpoint resumes on one process and continues the curve; settings that cannot run
-pipelined stop at once naming the fields."""
+scores the same tokens; a 3-layer GLA with z-loss splits unevenly (2 + 1 layers) and follows its
+curve; a pp=2 checkpoint resumes on one process and continues the curve (the optimizer state is
+saved per parameter; older grouped checkpoints still load); settings that cannot run pipelined
+stop at once naming the fields."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from engine.report import read_metrics
 
 STEPS = range(1, 11)
 LLAMA = {"model.tie_embeddings": False, "model.n_layers": 4}
-GLA = {"model.family": "gla", "model.tie_embeddings": False, "model.n_layers": 3}
+GLA = {"model.family": "gla", "model.tie_embeddings": False, "model.n_layers": 3, "model.z_loss": 1e-2}
 
 
 def grad_norms(run_dir) -> dict[int, float]:
@@ -47,6 +48,8 @@ def test_pp2_1f1b_follows_the_one_process_curve_and_eval(pp2, single):
     assert min(grad_norms(single).values()) > 1.0
     assert_close(grad_norms(pp2), grad_norms(single), STEPS)
     # eval runs stage to stage; the last stage scores every row once
+    summary = {name: json.loads((run / "summary.json").read_text()) for name, run in (("pp", pp2), ("one", single))}
+    assert summary["pp"]["tokens_seen"] == summary["one"]["tokens_seen"]  # counted once, not per stage
     val_pp, val_1 = val(pp2), val(single)
     assert val_pp["val_tokens"] == val_1["val_tokens"]
     assert abs(val_pp["val_loss"] - val_1["val_loss"]) <= 1e-4 * val_1["val_loss"]
@@ -68,7 +71,7 @@ def test_interleaved_1f1b_x_fsdp2_on_four_processes_follows_the_one_process_curv
     assert val(run)["val_tokens"] == val(single)["val_tokens"]
 
 
-def test_gla_splits_unevenly_and_follows_the_one_process_curve(tiny_corpus, tmp_path_factory):
+def test_gla_with_z_loss_splits_unevenly_and_follows_the_one_process_curve(tiny_corpus, tmp_path_factory):
     one = shared_run("gla_single_3_layers", tmp_path_factory, tiny_corpus, 1, steps=6, **GLA)
     run = shared_run("gla_pp2", tmp_path_factory, tiny_corpus, 2, steps=6, **GLA, **{"parallel.pp": 2})
     assert_close(losses(run), losses(one), range(1, 7))
@@ -128,3 +131,34 @@ def test_config_and_doctor(tiny_corpus, tmp_path):
     checks = {f"{c.area}/{c.name}": c for c in config_checks(cfg, 4)}
     assert "4 process(es) = pp 2 x dp_replicate 1 x dp_shard 2" in checks["parallel/degrees"].detail
     assert checks["parallel/pipeline"].detail == "4 stages of [1, 1, 1, 1] layers, interleaved_1f1b, 2 micro-batch(es) of 2 rows per step"
+
+
+def test_checkpoints_with_grouped_optimizer_state_still_load(tmp_path):
+    """Before pipeline stages, the optimizer state was saved with one `params` list per group."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from engine.checkpoint import Checkpointer
+    from engine.dist import DistContext
+    from tests.conftest import tiny_model
+
+    def model_and_optimizer():
+        model = tiny_model().train()
+        return model, torch.optim.AdamW([{"params": list(model.layers.parameters())},
+                                         {"params": list(model.norm.parameters()), "weight_decay": 0.0}])  # fmt: skip
+
+    model, optimizer = model_and_optimizer()
+    model(torch.randint(0, 64, (2, 8))).square().mean().backward()
+    optimizer.step()
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # the older, grouped layout
+    old = tmp_path / "step_00000001"
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(old), no_dist=True)
+    (old / "trainer_state.json").write_text(json.dumps({"step": 1}))
+    fresh, fresh_optimizer = model_and_optimizer()
+    state = Checkpointer(tmp_path, DistContext(0, 1, 0, torch.device("cpu"))).load(old, fresh, fresh_optimizer)
+    assert state["step"] == 1
+    name = "layers.0.attention.wq.weight"
+    want, got = (dict(m.named_parameters())[name] for m in (model, fresh))
+    assert torch.equal(want, got)
+    assert torch.equal(optimizer.state[want]["exp_avg"], fresh_optimizer.state[got]["exp_avg"])
