@@ -8,7 +8,10 @@ stage with plain send/recv). Not the mesh (engine.parallel) nor the loss and its
 
 Layers split by index, as evenly as possible, earlier stages taking the extra ones (the last
 stage also runs the output projection and the loss). position_ids reach every stage as a
-schedule keyword argument, so each stage rebuilds RoPE / GLA's cu_seqlens from them.
+schedule keyword argument, so each stage rebuilds RoPE / GLA's cu_seqlens from them. Every rank
+initializes the whole model once (the same weights as at pp = 1, as build_model does before
+FSDP2 shards it) and keeps its stages' modules. FSDP2 reduce-scatters a stage's gradients once,
+after its last micro-batch (the schedule's choice, whatever parallel.accumulate_unsharded_grads).
 Not supported (ConfigError naming the fields): model.tie_embeddings (the embedding would live on
 the first and the last stage), parallel.tp / parallel.cp (their plans act on the whole model),
 data.decomposition (the schedule's shapes are fixed at the first step), train.eval_tasks and
