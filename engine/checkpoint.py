@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -94,6 +95,19 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
     return sorted(dirs, key=lambda p: int(p.name[5:]), reverse=True)
+
+
+# The optimizer state is saved flattened (every hyperparameter keyed by its parameter's FQN):
+# ranks holding different parameters (pipeline stages) then write disjoint keys, and a
+# checkpoint loads at any pp degree. Older checkpoints keep one `params` list per group.
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _optimizer_options(path: Path) -> StateDictOptions:
+    """How the checkpoint at `path` holds its optimizer state (flattened unless it is older)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    grouped = any(k.startswith("optim.param_groups.") and k.endswith(".params") for k in keys)
+    return StateDictOptions() if grouped else FLAT_OPTIMIZER
 
 
 # what a load error says when the checkpoint is intact but holds another model (a config change)
@@ -232,7 +246,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier(self.ctx)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
         state = {"model": model_sd, "optim": optim_sd}
         torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
         if self.ctx.is_main:
@@ -316,11 +330,13 @@ class Checkpointer:
                 dcp.load(state, checkpoint_id=str(path))
             set_model_state_dict(model, state["model"])
         else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
+            options = _optimizer_options(path)
+            model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
             state = {"model": model_sd, "optim": optim_sd}
             with _one_process_is_the_intent():
                 dcp.load(state, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                           options=options)  # fmt: skip
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"
         if not rng_file.exists():  # a rank the saving run did not have
             rng_file = path / "rng_rank0.pt"

@@ -112,6 +112,18 @@ class ParallelConfig(BaseModel):
     cp: int = Field(
         1, gt=0, description="context-parallel degree: each row's tokens split over cp ranks (long sequences)"
     )
+    pp: int = Field(
+        1, gt=0, description="pipeline-parallel degree: the layers split into stages over pp ranks (engine.pipeline)"
+    )
+    pp_schedule: Literal["1f1b", "gpipe", "interleaved_1f1b"] = Field(
+        "1f1b", description="pipeline schedule; interleaved_1f1b runs pp_stages_per_rank stages on each rank"
+    )
+    pp_microbatches: int | None = Field(
+        None, gt=0, description="pipeline micro-batches per step and rank; None = the rank's rows / data.micro_batch_size"
+    )
+    pp_stages_per_rank: int | None = Field(
+        None, gt=1, description="interleaved_1f1b: stages (model chunks) per rank; None = 2"
+    )
     sequence_parallel: bool = Field(False, description="TP: shard norms/residual along the sequence")
     loss_parallel: bool = Field(False, description="TP: keep the vocab sharded through the loss")
     activation_checkpointing: Literal["none", "selective", "full"] = "none"
@@ -132,6 +144,8 @@ class ParallelConfig(BaseModel):
     def _check(self) -> ParallelConfig:
         if self.dp_shard == 0 or self.dp_shard < -1:
             raise ValueError("dp_shard must be a positive degree or -1 (the rest of the world)")
+        if self.pp_stages_per_rank is not None and self.pp_schedule != "interleaved_1f1b":
+            raise ValueError(f"pp_stages_per_rank needs pp_schedule interleaved_1f1b ({self.pp_schedule} runs one stage per rank)")
         return self
 
 

@@ -57,6 +57,8 @@ def evaluate(
                 logits = model(input_ids, position_ids, shard=shard)
             else:
                 logits = model(input_ids, position_ids)
+        if logits is None:  # a pipeline stage before the last (engine.pipeline): the last one scores
+            continue
         nll += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum").item()
         scored = labels[labels != -100].cpu()
         tokens += scored.numel()

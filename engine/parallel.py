@@ -1,8 +1,9 @@
 """Parallelism: the device mesh and, in order, float8 -> TP -> activation checkpointing -> compile -> FSDP2.
 
 `parallelize_model` applies one small function per concern in that order. The mesh is
-(dp_replicate, dp_shard, cp, tp) with tp innermost; FSDP2 shards over dp_shard x cp (HSDP:
-replicated over dp_replicate as well). Context-parallel ranks split each row's tokens
+(pp, dp_replicate, dp_shard, cp, tp) with tp innermost; FSDP2 shards over dp_shard x cp (HSDP:
+replicated over dp_replicate as well). Pipeline stages (engine.pipeline) are parallelized one
+by one over their pp slice of the mesh. Context-parallel ranks split each row's tokens
 (models.context_parallel; the trainer slices the batch). Without a process group only
 activation checkpointing and compile apply. The model families' TP plans live with the models
 (ModelSpec.parallelize_tp).
@@ -30,16 +31,17 @@ from engine.float8 import apply_float8
 if TYPE_CHECKING:
     from models.spec import ModelSpec
 
-MESH_DIMS = ("dp_replicate", "dp_shard", "cp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 class ParallelDims(NamedTuple):
-    """Resolved degrees; ranks are laid out (dp_replicate, dp_shard, cp, tp) with tp innermost."""
+    """Resolved degrees; ranks are laid out (pp, dp_replicate, dp_shard, cp, tp), tp innermost."""
 
     dp_replicate: int
     dp_shard: int
     tp: int
     cp: int = 1
+    pp: int = 1
 
     @property
     def dp_size(self) -> int:
@@ -48,7 +50,8 @@ class ParallelDims(NamedTuple):
 
     @property
     def batch_sharers(self) -> int:
-        """Ranks that read one batch: a CP group's ranks split its tokens, TP ranks share them."""
+        """Ranks of one pipeline stage that read one batch: a CP group's ranks split its tokens,
+        TP ranks share them (every stage of a pipeline reads the same batch too)."""
         return self.cp * self.tp
 
     @property
@@ -57,8 +60,13 @@ class ParallelDims(NamedTuple):
         return self.dp_size * self.cp
 
     def dp_rank(self, rank: int) -> int:
-        """Which data-parallel slice a global rank reads (ranks of one CP x TP group share it)."""
-        return rank // self.batch_sharers
+        """Which data-parallel slice a global rank reads (ranks of one CP x TP group share it,
+        and so do the pipeline stages: the pp rank does not enter)."""
+        return rank % (self.dp_size * self.batch_sharers) // self.batch_sharers
+
+    def pp_rank(self, rank: int) -> int:
+        """Which pipeline stage (of the outermost mesh dimension) a global rank runs."""
+        return rank // (self.dp_size * self.batch_sharers)
 
     def cp_rank(self, rank: int) -> int:
         """This rank's place in its context-parallel group (which part of each row it holds)."""
@@ -66,23 +74,25 @@ class ParallelDims(NamedTuple):
 
 
 def resolve_degrees(cfg: ParallelConfig, world_size: int) -> ParallelDims:
-    """(dp_replicate, dp_shard, tp, cp) with -1 resolved; raises ConfigError naming the fields."""
-    fixed = cfg.dp_replicate * cfg.cp * cfg.tp
+    """(dp_replicate, dp_shard, tp, cp, pp) with -1 resolved; raises ConfigError naming the fields."""
+    pp = f"pp ({cfg.pp}) x " if cfg.pp > 1 else ""  # named only when used
+    fixed = cfg.pp * cfg.dp_replicate * cfg.cp * cfg.tp
     if world_size % fixed:
         raise ConfigError(
-            f"parallel: dp_replicate ({cfg.dp_replicate}) x cp ({cfg.cp}) x tp ({cfg.tp}) does not divide the world size ({world_size})"
+            f"parallel: {pp}dp_replicate ({cfg.dp_replicate}) x cp ({cfg.cp}) x tp ({cfg.tp}) does not divide the world size ({world_size})"
         )
     shard = world_size // fixed if cfg.dp_shard == -1 else cfg.dp_shard
-    if cfg.dp_replicate * shard * cfg.cp * cfg.tp != world_size:
+    if fixed * shard != world_size:
+        names, degrees = ("pp x ", f"{cfg.pp}x") if cfg.pp > 1 else ("", "")
         raise ConfigError(
-            f"parallel: dp_replicate x dp_shard x cp x tp = {cfg.dp_replicate}x{shard}x{cfg.cp}x{cfg.tp} != world size {world_size}"
+            f"parallel: {names}dp_replicate x dp_shard x cp x tp = {degrees}{cfg.dp_replicate}x{shard}x{cfg.cp}x{cfg.tp} != world size {world_size}"
         )
-    return ParallelDims(cfg.dp_replicate, shard, cfg.tp, cfg.cp)
+    return ParallelDims(cfg.dp_replicate, shard, cfg.tp, cfg.cp, cfg.pp)
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh:
-    """The 4-D named mesh over the whole process group."""
-    shape = (dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
+    """The 5-D named mesh over the whole process group (pp outermost)."""
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
     return init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
 
 
@@ -258,11 +268,12 @@ def loss_context(logits: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
+def total_grad_norm(parameters: Iterable[torch.Tensor], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Global L2 norm of the gradients, plain tensors and DTensors on any meshes together.
 
     DTensors are grouped by (mesh, placements) so each group is one foreach norm and one
-    collective; the result is a plain 0-d tensor, the same on every rank.
+    collective; the result is a plain 0-d tensor, the same on every rank. `pp_group`: the
+    ranks holding the other pipeline stages' parameters, whose squared norms are added in.
     """
     from torch.distributed.tensor import DTensor
 
@@ -277,15 +288,22 @@ def total_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor:
     for (mesh, _), grads in groups.items():
         norm = torch.nn.utils.get_total_norm(grads)
         norms.append((norm.full_tensor() if mesh is not None else norm).float().cpu())
-    if len(norms) <= 1:
-        return norms[0] if norms else torch.zeros(())
-    return torch.stack(norms).pow(2).sum().sqrt()
+    total = torch.stack(norms).pow(2).sum().sqrt() if len(norms) > 1 else norms[0] if norms else torch.zeros(())
+    if pp_group is not None:  # every stage's share (on the device: nccl reduces device tensors)
+        device = next(iter(groups.values()))[0].device if groups else torch.device("cpu")
+        squared = total.pow(2).to(device)
+        dist.all_reduce(squared, group=pp_group)
+        total = squared.sqrt().cpu()
+    return total
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scales gradients so their global norm is at most `max_norm`; returns the norm before."""
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Scales gradients so their global norm (over every pipeline stage with `pp_group`) is at
+    most `max_norm`; returns the norm before."""
     parameters = [p for p in parameters if p.grad is not None]
-    total = total_grad_norm(parameters)
+    total = total_grad_norm(parameters, pp_group)
     by_mesh: dict = defaultdict(list)
     for p in parameters:
         by_mesh[getattr(p.grad, "device_mesh", None)].append(p)

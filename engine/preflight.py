@@ -137,10 +137,12 @@ def _parallel_checks(cfg, world_size: int) -> list[Check]:
     except ConfigError as err:
         return [Check("parallel", "degrees", FAIL, str(err), "set parallel.* or the number of processes")]
     checks = [Check("parallel", "degrees", OK,
-                    f"{world_size} process(es) = dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} "
-                    f"x cp {dims.cp} x tp {dims.tp}")]  # fmt: skip
+                    f"{world_size} process(es) = {f'pp {dims.pp} x ' if dims.pp > 1 else ''}dp_replicate "
+                    f"{dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp} x tp {dims.tp}")]  # fmt: skip
     if dims.cp > 1:
         checks.append(_context_parallel_check(cfg, dims))
+    if dims.pp > 1:
+        checks.append(_pipeline_check(cfg, dims))
     rows_per_rank = cfg.data.global_batch_size / dims.dp_size
     if cfg.data.decomposition is None and rows_per_rank % cfg.data.micro_batch_size:
         checks.append(Check("parallel", "batch", FAIL,
@@ -314,11 +316,23 @@ def _context_parallel_check(cfg, dims) -> Check:
                  f"{cfg.data.seq_len // dims.cp} tokens per rank")  # fmt: skip
 
 
+def _pipeline_check(cfg, dims) -> Check:
+    """Can the model run pipelined here, and how it splits (stages, layers, micro-batches)."""
+    from engine.config import ConfigError
+    from engine.pipeline import check_pipeline
+
+    try:
+        split = check_pipeline(cfg, dims)
+    except ConfigError as err:
+        return Check("parallel", "pipeline", FAIL, str(err), "change the named field or parallel.pp")
+    return Check("parallel", "pipeline", OK, split)
+
+
 def _gpu_memory_check(cfg, params: int, world_size: int) -> Check:
     from engine.parallel import resolve_degrees
 
     dims = resolve_degrees(cfg.parallel, world_size)
-    per_device = params * TRAIN_STATE_BYTES_PER_PARAM / (dims.dp_shard * dims.cp * dims.tp)
+    per_device = params * TRAIN_STATE_BYTES_PER_PARAM / (dims.dp_shard * dims.cp * dims.tp * dims.pp)
     total = torch.cuda.get_device_properties(0).total_memory
     share = per_device / total
     status = OK if share < 0.6 else WARN if share < 0.9 else FAIL

@@ -84,6 +84,19 @@ def build_model(cfg: StrataConfig, ctx: DistContext, mesh=None) -> torch.nn.Modu
     return parallelize_model(model, cfg.parallel, ctx, spec, mesh)
 
 
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, z_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to differentiate, summed NLL) over the label tokens (!= -100): the summed NLL plus
+    z_coef x the summed log^2 Z when z-loss is on. Under loss parallel, call inside `loss_context`."""
+    logits = logits.float().flatten(0, 1)
+    flat_labels = labels.flatten()
+    nll = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
+    loss = nll
+    if z_coef:
+        mask = flat_labels != -100
+        loss = loss + z_coef * (torch.logsumexp(logits[mask], dim=-1) ** 2).sum()
+    return loss, nll
+
+
 def val_sets(cfg: StrataConfig) -> list[tuple[str, str]]:
     """(metric suffix, ShardSet path) of every evaluated set: data.val_path unnamed, then data.val_sets."""
     main = [("", cfg.data.val_path)] if cfg.data.val_path else []
@@ -114,12 +127,19 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         seed_everything(cfg.train.seed)
-        # ranks of one CP x TP group read the same batch: the loader shards over dp only
+        # ranks of one PP x CP x TP group read the same batch: the loader shards over dp only
         self.dims = resolve_degrees(cfg.parallel, ctx.world_size)
         self.dp_rank, self.dp_size = self.dims.dp_rank(ctx.rank), self.dims.dp_size
         mesh = build_mesh(self.dims, ctx.device.type) if dist.is_initialized() else None
         self.context_parallel = context_parallel_plan(cfg, self.dims, mesh, ctx.rank)
-        self.model = build_model(cfg, ctx, mesh)
+        self.pipeline, self.pp_group = None, None
+        if self.dims.pp > 1:  # this rank's stages; self.model holds their modules (engine.pipeline)
+            from engine.pipeline import Pipeline
+
+            self.pipeline = Pipeline(cfg, ctx, self.dims, mesh, token_loss)
+            self.model, self.pp_group = self.pipeline.parts, self.pipeline.group
+        else:
+            self.model = build_model(cfg, ctx, mesh)
         self.autocast = autocast_dtype(cfg, ctx.device)
         self.lr_max = float(cfg.optim.lr)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.lr_max, ctx.device)
@@ -196,11 +216,15 @@ class Trainer:
             micro_batches = [{key: shard.take(mb.get(key)) for key in ("input_ids", "labels", "position_ids")}
                              for mb, shard in zip(micro_batches, shards, strict=True)]  # fmt: skip
         local_tokens = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        global_tokens = all_reduce_sum(local_tokens, self.ctx) / self.dims.tp  # TP ranks share a batch
+        global_tokens = all_reduce_sum(local_tokens, self.ctx) / (self.dims.tp * self.dims.pp)  # TP ranks and PP stages share a batch
         # FSDP averages gradients over its ranks; scale so the result is the global token mean.
         scale = self.dims.fsdp_size / max(global_tokens, 1)
         z_coef = self.cfg.model.z_loss
         loss_sum = 0.0
+        if self.pipeline is not None:  # only the last stage's ranks compute (and sum) the loss
+            documents = not self.cfg.data.cross_document_attention
+            loss_sum = self.pipeline.step(micro_batches, scale, z_coef, documents, self.autocast)
+            micro_batches = []  # consumed by the schedule
         for i, mb in enumerate(micro_batches):
             set_microbatch_grad_sync(self.model, i == len(micro_batches) - 1, self.cfg.parallel.accumulate_unsharded_grads)
             input_ids = mb["input_ids"].to(device, non_blocking=True)
@@ -213,19 +237,13 @@ class Trainer:
                 else:
                     logits = self.model(input_ids, position_ids)
             with loss_context(logits):  # loss parallel: vocab-sharded logits into the loss
-                logits = logits.float().flatten(0, 1)
-                flat_labels = labels.flatten()
-                nll = F.cross_entropy(logits, flat_labels, ignore_index=-100, reduction="sum")
-                loss = nll
-                if z_coef:
-                    mask = flat_labels != -100
-                    loss = loss + z_coef * (torch.logsumexp(logits[mask], dim=-1) ** 2).sum()
+                loss, nll = token_loss(logits, labels, z_coef)
                 (loss * scale).backward()
             loss_sum += (nll.full_tensor() if hasattr(nll, "full_tensor") else nll).item()
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
         else:
-            grad_norm = total_grad_norm(self.model.parameters())
+            grad_norm = total_grad_norm(self.model.parameters(), self.pp_group)
         grad_norm = float(grad_norm)
         loss = all_reduce_sum(loss_sum, self.ctx) / self.dims.tp / max(global_tokens, 1)
         verdict = self.guard.check(self.step + 1, loss, grad_norm)  # global values: every rank agrees

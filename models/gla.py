@@ -144,12 +144,14 @@ class GLA(nn.Module):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
         shard: SequenceShard | None = None,
     ) -> torch.Tensor:
-        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows."""
+        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows.
+        A pipeline stage (engine.pipeline) without `tok_embeddings` takes hidden states
+        [B, T, dim] in place of input_ids; one without `norm` returns its last block's output."""
         cu_seqlens = None if position_ids is None else cu_seqlens_from_position_ids(position_ids)
-        h = self.tok_embeddings(input_ids)
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         for block in self.layers.values():
             h = block(h, cu_seqlens, shard, position_ids) if shard is not None else block(h, cu_seqlens)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -160,7 +162,8 @@ class GLA(nn.Module):
         shard: SequenceShard | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V]; a document starts wherever position_ids == 0 (None: one per row)."""
-        return self.project(self.hidden_states(input_ids, position_ids, shard))
+        h = self.hidden_states(input_ids, position_ids, shard)
+        return self.project(h) if self.norm is not None else h  # no norm: a pipeline stage before the last
 
     # -- decoding with the recurrent state (protocol of models/generate.py) -----------------
     def init_decode_state(self, batch_size: int, max_len: int) -> dict:

@@ -136,14 +136,16 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       shard: SequenceShard | None = None) -> torch.Tensor:
-        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows."""
-        h = self.tok_embeddings(input_ids)
+        """`shard` (context parallel): input_ids/position_ids are this rank's slice of the rows.
+        A pipeline stage (engine.pipeline) without `tok_embeddings` takes hidden states
+        [B, T, dim] in place of input_ids; one without `norm` returns its last block's output."""
+        h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         rope_positions = shard.positions(input_ids.shape[0]) if shard is not None and position_ids is None else position_ids
         cos, sin = self.rope(rope_positions, input_ids.shape[1])
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin, position_ids, shard)
-        return self.norm(h)
+        return self.norm(h) if self.norm is not None else h
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
@@ -151,7 +153,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 shard: SequenceShard | None = None) -> torch.Tensor:
-        return self.project(self.hidden_states(input_ids, position_ids, shard))
+        h = self.hidden_states(input_ids, position_ids, shard)
+        return self.project(h) if self.norm is not None else h  # no norm: a pipeline stage before the last
 
     # -- decoding with a KV cache (protocol of models/generate.py) --------------------------
     def init_decode_state(self, batch_size: int, max_len: int) -> dict:

@@ -1,0 +1,254 @@
+"""Pipeline parallelism (`parallel.pp`): the layers split into stages over the pp ranks and run
+by a `torch.distributed.pipelining` schedule (GPipe, 1F1B, interleaved 1F1B).
+
+Owns the split (each stage keeps the original parameter FQNs, so DCP checkpoints load at any pp
+degree), the per-rank container of the stages' modules that the optimizer, checkpoints and grad
+norm see, one training step through the schedule, and a forward-only pass for eval (stage to
+stage with plain send/recv). Not the mesh (engine.parallel) nor the loss and its scale (trainer).
+
+Layers split by index, as evenly as possible, earlier stages taking the extra ones (the last
+stage also runs the output projection and the loss). position_ids reach every stage as a
+schedule keyword argument, so each stage rebuilds RoPE / GLA's cu_seqlens from them. Every rank
+initializes the whole model once (the same weights as at pp = 1, as build_model does before
+FSDP2 shards it) and keeps its stages' modules. FSDP2 reduce-scatters a stage's gradients once,
+after its last micro-batch (the schedule's choice, whatever parallel.accumulate_unsharded_grads).
+Not supported (ConfigError naming the fields): model.tie_embeddings (the embedding would live on
+the first and the last stage), parallel.tp / parallel.cp (their plans act on the whole model),
+data.decomposition (the schedule's shapes are fixed at the first step), train.eval_tasks and
+continual runs (they read the whole model on every rank).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from engine.config import ConfigError, StrataConfig
+from engine.dist import DistContext
+from engine.parallel import ParallelDims, parallelize_model
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+# -- the plan -----------------------------------------------------------------------------
+def stages_per_rank(cfg: StrataConfig) -> int:
+    if cfg.parallel.pp_schedule != "interleaved_1f1b":
+        return 1
+    return cfg.parallel.pp_stages_per_rank or 2
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[list[int]]:
+    """Layer indices of each stage: contiguous, as even as possible, the extra ones first."""
+    base, extra = divmod(n_layers, n_stages)
+    bounds = [0]
+    for stage in range(n_stages):
+        bounds.append(bounds[-1] + base + (stage < extra))
+    return [list(range(bounds[s], bounds[s + 1])) for s in range(n_stages)]
+
+
+def rank_stages(pp_rank: int, pp: int, per_rank: int) -> list[int]:
+    """Stages held by a pp rank: its own index, then every pp-th after it (the looped layout
+    the interleaved schedule expects)."""
+    return [pp_rank + k * pp for k in range(per_rank)]
+
+
+def pipeline_microbatches(cfg: StrataConfig, dims: ParallelDims) -> int:
+    """Micro-batches per step; checked against the rows a data-parallel rank reads and the schedule."""
+    par = cfg.parallel
+    rows = cfg.data.global_batch_size // dims.dp_size
+    n = par.pp_microbatches or max(1, rows // cfg.data.micro_batch_size)
+    if rows % n:
+        raise ConfigError(
+            f"parallel.pp_microbatches: {n} micro-batches do not split the {rows} rows each data-parallel rank "
+            f"reads per step (data.global_batch_size {cfg.data.global_batch_size} / {dims.dp_size})"
+        )
+    what = "parallel.pp_microbatches" if par.pp_microbatches else "data.micro_batch_size"
+    if par.pp_schedule == "1f1b" and n < dims.pp:
+        raise ConfigError(f"{what}: the 1f1b schedule needs at least parallel.pp ({dims.pp}) micro-batches "
+                          f"per step, got {n}; lower data.micro_batch_size or set parallel.pp_microbatches")  # fmt: skip
+    if par.pp_schedule == "interleaved_1f1b" and n % dims.pp:
+        raise ConfigError(f"{what}: the interleaved_1f1b schedule needs a multiple of parallel.pp ({dims.pp}) "
+                          f"micro-batches per step, got {n}")  # fmt: skip
+    return n
+
+
+def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
+    """Raises ConfigError naming the fields when this config cannot run pipelined; else a
+    one-line description of the split (strata doctor prints it)."""
+    model, par = cfg.model, cfg.parallel
+    unsupported = [
+        (model.tie_embeddings, "model.tie_embeddings: tied input and output embeddings cannot be split over "
+         "pipeline stages (parallel.pp > 1); set model.tie_embeddings: false"),
+        (dims.tp > 1, "parallel.tp: tensor parallelism is not supported with parallel.pp > 1 yet"),
+        (dims.cp > 1, "parallel.cp: context parallelism is not supported with parallel.pp > 1 yet"),
+        (cfg.data.decomposition is not None, "parallel.pp: data.decomposition changes the row length every "
+         "step; the pipeline schedule's shapes are fixed"),
+        (bool(cfg.train.eval_tasks), "train.eval_tasks: downstream scoring is not supported with parallel.pp > 1 yet"),
+        (cfg.continual.active, "parallel.pp: continual runs are not supported with parallel.pp > 1 yet"),
+    ]  # fmt: skip
+    for failed, message in unsupported:
+        if failed:
+            raise ConfigError(message)
+    n_stages = dims.pp * stages_per_rank(cfg)
+    if model.n_layers < n_stages:
+        raise ConfigError(f"model.n_layers ({model.n_layers}) is less than the pipeline stages "
+                          f"(parallel.pp {dims.pp} x {stages_per_rank(cfg)} per rank = {n_stages})")  # fmt: skip
+    n = pipeline_microbatches(cfg, dims)
+    sizes = [len(layers) for layers in stage_layers(model.n_layers, n_stages)]
+    rows = cfg.data.global_batch_size // dims.dp_size // n
+    return f"{n_stages} stages of {sizes} layers, {par.pp_schedule}, {n} micro-batch(es) of {rows} rows per step"
+
+
+# -- the modules --------------------------------------------------------------------------
+class PipelineParts(nn.Module):
+    """This rank's share of the model under the original names (`tok_embeddings` on the first
+    stage's rank, `layers.{i}` of its stages, `norm`/`output` on the last stage's rank): what the
+    optimizer, checkpoints and grad norm see. Calling it runs the whole pipeline forward-only
+    (eval): logits on the ranks of the last stage, None on the others."""
+
+    def __init__(self, pipeline: Pipeline, stages: dict[int, nn.Module]):
+        super().__init__()
+        self.cfg = pipeline.cfg.model
+        self.tok_embeddings = stages[0].tok_embeddings if 0 in stages else None
+        self.layers = nn.ModuleDict({k: v for s in sorted(stages) for k, v in stages[s].layers.items()})
+        last = pipeline.n_stages - 1
+        self.norm = stages[last].norm if last in stages else None
+        self.output = stages[last].output if last in stages else None
+        self._pipeline = pipeline  # a plain attribute: not a submodule, so the names stay as they are
+
+    def train(self, mode: bool = True) -> PipelineParts:
+        super().train(mode)
+        for stage in self._pipeline.modules.values():
+            stage.train(mode)
+        return self
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self._pipeline.forward(input_ids, position_ids)
+
+
+class Pipeline:
+    """The stages this rank runs and the schedule over them."""
+
+    def __init__(self, cfg: StrataConfig, ctx: DistContext, dims: ParallelDims, mesh, loss_fn: LossFn,
+                 spec=None) -> None:  # fmt: skip
+        from torch.distributed.pipelining import PipelineStage
+
+        from models.spec import get_spec
+
+        check_pipeline(cfg, dims)
+        spec = spec or get_spec(cfg.model.family)
+        self.cfg, self.ctx, self.loss_fn = cfg, ctx, loss_fn
+        self.pp, self.pp_rank = dims.pp, dims.pp_rank(ctx.rank)
+        self.group = mesh["pp"].get_group()
+        per_rank = stages_per_rank(cfg)
+        self.n_stages = dims.pp * per_rank
+        self.n_microbatches = pipeline_microbatches(cfg, dims)
+        self.modules = self._build_stages(spec, rank_stages(self.pp_rank, dims.pp, per_rank))
+        for module in self.modules.values():
+            parallelize_model(module, cfg.parallel, ctx, spec, mesh)  # AC, compile, FSDP2 over this stage's dp ranks
+        self.parts = PipelineParts(self, self.modules)
+        self.stages = [PipelineStage(module, s, self.n_stages, ctx.device, group=self.group)
+                       for s, module in self.modules.items()]  # fmt: skip
+        self.schedule = self._build_schedule()
+        self._scale, self._z_coef, self._nll = 1.0, 0.0, []
+
+    def _build_stages(self, spec, mine: list[int]) -> dict[int, nn.Module]:
+        """Stage modules of this rank: the whole model is materialized and initialized exactly as
+        at pp = 1 (same seed, same order: the same weights), then each stage takes its modules."""
+        cfg, device = self.cfg, self.ctx.device
+        with torch.device("meta"):
+            whole = spec.build(cfg.model)
+        whole.to_empty(device=device)
+        torch.manual_seed(cfg.train.seed)
+        whole.init_weights()
+        split = stage_layers(cfg.model.n_layers, self.n_stages)
+        stages = {}
+        for s in mine:
+            with torch.device("meta"):
+                stage = spec.build(cfg.model)  # the family's forward; its modules are replaced
+            stage.tok_embeddings = whole.tok_embeddings if s == 0 else None
+            stage.layers = nn.ModuleDict({str(i): whole.layers[str(i)] for i in split[s]})
+            last = s == self.n_stages - 1
+            stage.norm = whole.norm if last else None
+            stage.output = whole.output if last else None
+            for name in list(stage._buffers):  # e.g. Llama's RoPE tables
+                stage._buffers[name] = whole._buffers[name]
+            left = [name for name, t in (*stage.named_parameters(), *stage.named_buffers()) if t.is_meta]
+            if left:
+                raise RuntimeError(f"pipeline stage {s} kept meta tensors {left[:3]}: the family's modules changed")
+            stages[s] = stage
+        return stages
+
+    def _build_schedule(self):
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
+        name = self.cfg.parallel.pp_schedule
+        # scale_grads=False: the loss is already the summed NLL times the global scale
+        if name == "interleaved_1f1b":
+            return ScheduleInterleaved1F1B(self.stages, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+        cls = Schedule1F1B if name == "1f1b" else ScheduleGPipe
+        return cls(self.stages[0], self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.modules
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.modules
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss, nll = self.loss_fn(logits, labels, self._z_coef)
+        self._nll.append(nll.detach())
+        return loss * self._scale
+
+    def step(self, micro_batches: list[dict], scale: float, z_coef: float, documents: bool,
+             autocast: torch.dtype | None) -> float:  # fmt: skip
+        """Forward and backward of this rank's micro-batches through the schedule (gradients
+        accumulate in the stages' parameters); returns this rank's summed NLL (0 before the last
+        stage). The loss differentiated is `scale` x the summed NLL (+ z-loss), as without PP."""
+        device = self.ctx.device
+        input_ids, labels = (torch.cat([mb[k] for mb in micro_batches]).to(device) for k in ("input_ids", "labels"))
+        kwargs = {}
+        if documents and micro_batches[0].get("position_ids") is not None:
+            kwargs["position_ids"] = torch.cat([mb["position_ids"] for mb in micro_batches]).to(device)
+        self._scale, self._z_coef, self._nll = scale, z_coef, []
+        args = (input_ids,) if self.has_first else ()
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            self.schedule.step(*args, target=labels if self.has_last else None, **kwargs)
+        # the schedule calls the loss once per micro-batch; at the first step torch may call it
+        # before them on placeholder outputs (shape inference): those come first and are dropped
+        real = self._nll[len(self._nll) - self.n_microbatches :] if self.has_last else []
+        self._nll = []
+        return sum(float(x) for x in real)
+
+    # -- forward only (eval) --------------------------------------------------------------
+    def _peer(self, stage: int) -> int:
+        """Global rank of the pp peer holding `stage` (same dp/cp/tp coordinates as this rank)."""
+        return dist.get_global_rank(self.group, stage % self.pp)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits on the last stage's ranks, None elsewhere; hidden states go stage to stage in
+        float32 (exact for bf16 activations; FSDP2 casts them back to its compute dtype)."""
+        hidden = None
+        shape = (*input_ids.shape, self.cfg.model.dim)
+        for s in sorted(self.modules):
+            if s == 0:
+                x = input_ids
+            elif s - 1 in self.modules:
+                x = hidden
+            else:
+                x = torch.empty(shape, dtype=torch.float32, device=input_ids.device)
+                dist.recv(x, src=self._peer(s - 1), group=self.group)
+            hidden = self.modules[s](x, position_ids)
+            if s + 1 < self.n_stages and s + 1 not in self.modules:
+                dist.send(hidden.float().contiguous(), dst=self._peer(s + 1), group=self.group)
+        return hidden if self.has_last else None
