@@ -1,5 +1,7 @@
-"""Context parallelism (parallel.cp) on real CPU ranks (gloo): what a rank saves for backward,
-what it sends, and what a forward+backward costs, for one long row at cp = 1, 2, 4.
+"""Context parallelism (parallel.cp) on real ranks: what a rank saves for backward, what it
+sends, and what a forward+backward costs, for one long row at cp = 1, 2, 4. CPU ranks over gloo
+by default; `--device cuda` puts rank r on GPU r over NCCL (a node with max(--cps) GPUs) and also
+records each rank's peak CUDA memory.
 
 Llama runs the zigzag layout with all-gathered K/V, GLA (torch backend) the contiguous layout
 with its recurrent state handed on (models/context_parallel.py). Every configuration runs in
@@ -46,10 +48,10 @@ def model_config(family: str, args: argparse.Namespace, seq_len: int) -> ModelCo
     return ModelConfig(**common, gla_backend="torch")
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     with torch.device("meta"):
         model = get_spec(cfg.family).build(cfg)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()
     return model
@@ -162,28 +164,39 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_di
     code = 1
     try:
         torch.set_num_threads(args.threads)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         groups = {cp: dist.new_group(list(range(cp))) if cp > 1 else None for cp in args.cps}  # every rank calls
         records = []
         for family in args.families:
             cfg = model_config(family, args, max(args.seq_lens))
-            model = build_model(cfg)
+            model = build_model(cfg, device)
             layout = get_spec(family).cp_layout
             for seq_len in args.seq_lens:
                 gen = torch.Generator().manual_seed(seq_len)
                 tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq_len + 1), generator=gen)
-                ids, labels = tokens[:, :-1], tokens[:, 1:]
+                ids, labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
                 found = {}
                 for cp in args.cps:  # round 0: measured, untimed (and a warm-up)
                     if rank < cp:
+                        if device.type == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
                         found[cp] = measure(model, ids, labels, cfg, cp, rank, groups[cp], layout)
                         found[cp].update(wall_s=[], cpu_s=[])
+                        if device.type == "cuda":  # forward + backward, parameters and gradients included
+                            found[cp]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
                     dist.barrier()
                 for _ in range(args.rounds):
                     for cp in args.cps:
                         if rank < cp:
                             wall, cpu = time.perf_counter(), time.process_time()
                             forward_backward(model, ids, labels, cp, rank, groups[cp], layout, None)
+                            if device.type == "cuda":
+                                torch.cuda.synchronize()
                             found[cp]["wall_s"].append(time.perf_counter() - wall)
                             found[cp]["cpu_s"].append(time.process_time() - cpu)
                         dist.barrier()  # the next configuration starts on every rank at once
@@ -218,6 +231,8 @@ def combine(records: list[dict], args: argparse.Namespace) -> list[dict]:
                 row["wire_bytes_per_rank"] = row["all_gather_bytes"] * (cp - 1) // cp  # ring: what arrives
                 row["saved_mask_dtypes"] = ranks[0]["saved_mask_dtypes"]
                 row["loss"] = ranks[0]["loss"]
+                if "peak_cuda_bytes" in ranks[0]:
+                    row["peak_cuda_bytes"] = max(r["peak_cuda_bytes"] for r in ranks)
                 row["wall_s"] = statistics.median(max(r["wall_s"][i] for r in ranks) for i in range(args.rounds))
                 row["cpu_s"] = statistics.median(sum(r["cpu_s"][i] for r in ranks) for i in range(args.rounds))
                 by_cp[cp] = row
@@ -249,6 +264,12 @@ def print_table(rows: list[dict]) -> None:
               f"| {r['saved_local_ratio']:.3f} | {mib(r['bool_mask_bytes'])} | {r['all_gather_bytes'] / 2**20:.3f} | {formula} "
               f"| {r['reduce_scatter_bytes'] / 2**20:.3f} | {r['wall_s']:.2f} | {r['wall_ratio']:.2f}x | {r['cpu_s']:.2f} "
               f"| {r['cpu_ratio']:.2f}x | {r['loss']:.6f} | {r['loss_rel_diff']:.1e}{'' if r['loss_matches'] else ' MISMATCH'} |")
+    if any("peak_cuda_bytes" in r for r in rows):  # --device cuda
+        print("\n| model | T | cp | peak CUDA MiB/rank | vs cp=1 |\n|---|---:|---:|---:|---:|")
+        base = {(r["family"], r["seq_len"]): r["peak_cuda_bytes"] for r in rows if r["cp"] == 1}
+        for r in rows:
+            ratio = r["peak_cuda_bytes"] / base[(r["family"], r["seq_len"])]
+            print(f"| {r['family']} | {r['seq_len']} | {r['cp']} | {mib(r['peak_cuda_bytes'])} | {ratio:.3f} |")
 
 
 def main() -> int:
@@ -264,10 +285,13 @@ def main() -> int:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: rank r on GPU r, NCCL")
     parser.add_argument("--json", default="benchmarks/results/context_parallel.json")
     args = parser.parse_args()
     if args.cps[0] != 1:
         parser.error("--cps: the first size is the baseline and must be 1")
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.cps):
+        parser.error(f"--device cuda: needs {max(args.cps)} GPUs (one per rank), this node has {torch.cuda.device_count()}")
 
     world, port = max(args.cps), free_port()
     ctx = multiprocessing.get_context("spawn")
