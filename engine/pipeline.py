@@ -20,7 +20,9 @@ continual runs (they read the whole model on every rank).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -30,7 +32,11 @@ from engine.config import ConfigError, StrataConfig
 from engine.dist import DistContext
 from engine.parallel import ParallelDims, parallelize_model
 
+if TYPE_CHECKING:
+    from models.context_parallel import SequenceShard
+
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+ShardFor = Callable[[dict, torch.device], "SequenceShard"]
 
 
 # -- the plan -----------------------------------------------------------------------------
@@ -82,8 +88,6 @@ def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
     unsupported = [
         (model.tie_embeddings, "model.tie_embeddings: tied input and output embeddings cannot be split over "
          "pipeline stages (parallel.pp > 1); set model.tie_embeddings: false"),
-        (dims.tp > 1, "parallel.tp: tensor parallelism is not supported with parallel.pp > 1 yet"),
-        (dims.cp > 1, "parallel.cp: context parallelism is not supported with parallel.pp > 1 yet"),
         (cfg.data.decomposition is not None, "parallel.pp: data.decomposition changes the row length every "
          "step; the pipeline schedule's shapes are fixed"),
         (bool(cfg.train.eval_tasks), "train.eval_tasks: downstream scoring is not supported with parallel.pp > 1 yet"),
@@ -125,15 +129,17 @@ class PipelineParts(nn.Module):
             stage.train(mode)
         return self
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
-        return self._pipeline.forward(input_ids, position_ids)
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                shard: SequenceShard | None = None) -> torch.Tensor | None:  # fmt: skip
+        return self._pipeline.forward(input_ids, position_ids, shard)
 
 
 class Pipeline:
     """The stages this rank runs and the schedule over them."""
 
     def __init__(self, cfg: StrataConfig, ctx: DistContext, dims: ParallelDims, mesh, loss_fn: LossFn,
-                 spec=None) -> None:  # fmt: skip
+                 spec=None, shard_for: ShardFor | None = None) -> None:  # fmt: skip
+        """`shard_for`: the context-parallel plan (engine.parallel.context_parallel_plan), None without CP."""
         from torch.distributed.pipelining import PipelineStage
 
         from models.spec import get_spec
@@ -142,13 +148,18 @@ class Pipeline:
         spec = spec or get_spec(cfg.model.family)
         self.cfg, self.ctx, self.loss_fn = cfg, ctx, loss_fn
         self.pp, self.pp_rank = dims.pp, dims.pp_rank(ctx.rank)
+        # sequence parallelism: hidden states travel between stages sharded along the sequence
+        self.sequence_shards = dims.tp if cfg.parallel.sequence_parallel else 1
+        self.shard_for, self.cp, self._row_len = shard_for, dims.cp, 0
         self.group = mesh["pp"].get_group()
         per_rank = stages_per_rank(cfg)
         self.n_stages = dims.pp * per_rank
         self.n_microbatches = pipeline_microbatches(cfg, dims)
         self.modules = self._build_stages(spec, rank_stages(self.pp_rank, dims.pp, per_rank))
         for module in self.modules.values():
-            parallelize_model(module, cfg.parallel, ctx, spec, mesh)  # AC, compile, FSDP2 over this stage's dp ranks
+            parallelize_model(module, cfg.parallel, ctx, spec, mesh)  # TP, AC, compile, FSDP2 over this stage's dp ranks
+            if shard_for is not None:
+                module.register_forward_pre_hook(self._sequence_shard, with_kwargs=True)
         self.parts = PipelineParts(self, self.modules)
         self.stages = [PipelineStage(module, s, self.n_stages, ctx.device, group=self.group)
                        for s, module in self.modules.items()]  # fmt: skip
@@ -209,25 +220,51 @@ class Pipeline:
         self._nll.append(nll.detach())
         return loss * self._scale
 
+    def _sequence_shard(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Forward pre-hook of each stage under context parallelism: the SequenceShard of the
+        micro-batch the schedule hands it, built from that micro-batch's full-row position_ids
+        (`row_position_ids`, split into micro-batches with the rows), so shards always match
+        micro-batches whatever parallel.pp_microbatches. An explicit `shard=` (eval) is kept."""
+        rows = kwargs.pop("row_position_ids", None)
+        if kwargs.get("shard") is None:
+            full = rows if rows is not None else torch.empty((0, self._row_len), device="meta")
+            kwargs["shard"] = self.shard_for({"input_ids": full, "position_ids": rows}, self.ctx.device)
+        return args, kwargs
+
     def step(self, micro_batches: list[dict], scale: float, z_coef: float, documents: bool,
-             autocast: torch.dtype | None) -> float:  # fmt: skip
+             autocast: torch.dtype | None, row_position_ids: list[torch.Tensor] | None = None) -> float:  # fmt: skip
         """Forward and backward of this rank's micro-batches through the schedule (gradients
         accumulate in the stages' parameters); returns this rank's summed NLL (0 before the last
-        stage). The loss differentiated is `scale` x the summed NLL (+ z-loss), as without PP."""
+        stage). The loss differentiated is `scale` x the summed NLL (+ z-loss), as without PP.
+        Under context parallelism `micro_batches` hold this rank's slices of the rows and
+        `row_position_ids` the full rows' position_ids (None: one document per row)."""
         device = self.ctx.device
         input_ids, labels = (torch.cat([mb[k] for mb in micro_batches]).to(device) for k in ("input_ids", "labels"))
         kwargs = {}
         if documents and micro_batches[0].get("position_ids") is not None:
             kwargs["position_ids"] = torch.cat([mb["position_ids"] for mb in micro_batches]).to(device)
+        if self.shard_for is not None:
+            self._row_len = input_ids.shape[1] * self.cp
+            if documents and row_position_ids is not None and row_position_ids[0] is not None:
+                kwargs["row_position_ids"] = torch.cat(row_position_ids).to(device)
         self._scale, self._z_coef, self._nll = scale, z_coef, []
         args = (input_ids,) if self.has_first else ()
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), self._loss_context():
             self.schedule.step(*args, target=labels if self.has_last else None, **kwargs)
         # the schedule calls the loss once per micro-batch; at the first step torch may call it
         # before them on placeholder outputs (shape inference): those come first and are dropped
         real = self._nll[len(self._nll) - self.n_microbatches :] if self.has_last else []
         self._nll = []
-        return sum(float(x) for x in real)
+        return sum(float(x.full_tensor() if hasattr(x, "full_tensor") else x) for x in real)
+
+    def _loss_context(self):
+        """loss_parallel() around the whole schedule (the loss and its backward run inside it)
+        when the last stage's logits stay vocab-sharded; a no-op otherwise."""
+        if not (self.has_last and self.cfg.parallel.loss_parallel):
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
 
     # -- forward only (eval) --------------------------------------------------------------
     def _peer(self, stage: int) -> int:
@@ -235,11 +272,15 @@ class Pipeline:
         return dist.get_global_rank(self.group, stage % self.pp)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                shard: SequenceShard | None = None) -> torch.Tensor | None:  # fmt: skip
         """Logits on the last stage's ranks, None elsewhere; hidden states go stage to stage in
-        float32 (exact for bf16 activations; FSDP2 casts them back to its compute dtype)."""
+        float32 (exact for bf16 activations; FSDP2 casts them back to its compute dtype).
+        `shard`: context parallel (input_ids/position_ids are this rank's slices of the rows)."""
         hidden = None
-        shape = (*input_ids.shape, self.cfg.model.dim)
+        b, t = input_ids.shape
+        shape = (b, t // self.sequence_shards, self.cfg.model.dim)  # sequence parallel: this rank's part
+        extra = {"shard": shard} if shard is not None else {}
         for s in sorted(self.modules):
             if s == 0:
                 x = input_ids
@@ -248,7 +289,7 @@ class Pipeline:
             else:
                 x = torch.empty(shape, dtype=torch.float32, device=input_ids.device)
                 dist.recv(x, src=self._peer(s - 1), group=self.group)
-            hidden = self.modules[s](x, position_ids)
+            hidden = self.modules[s](x, position_ids, **extra)
             if s + 1 < self.n_stages and s + 1 not in self.modules:
                 dist.send(hidden.float().contiguous(), dst=self._peer(s + 1), group=self.group)
         return hidden if self.has_last else None

@@ -136,7 +136,7 @@ class Trainer:
         if self.dims.pp > 1:  # this rank's stages; self.model holds their modules (engine.pipeline)
             from engine.pipeline import Pipeline
 
-            self.pipeline = Pipeline(cfg, ctx, self.dims, mesh, token_loss)
+            self.pipeline = Pipeline(cfg, ctx, self.dims, mesh, token_loss, shard_for=self.context_parallel)
             self.model, self.pp_group = self.pipeline.parts, self.pipeline.group
         else:
             self.model = build_model(cfg, ctx, mesh)
@@ -212,6 +212,7 @@ class Trainer:
         step guard skips it; returns (loss, grad_norm, tokens)."""
         device = self.ctx.device
         shards = [self.context_parallel(mb, device) for mb in micro_batches] if self.context_parallel else None
+        row_position_ids = [mb.get("position_ids") for mb in micro_batches]  # the pipeline's stages shard themselves
         if shards:  # context parallel: this rank's part of every row
             micro_batches = [{key: shard.take(mb.get(key)) for key in ("input_ids", "labels", "position_ids")}
                              for mb, shard in zip(micro_batches, shards, strict=True)]  # fmt: skip
@@ -223,7 +224,7 @@ class Trainer:
         loss_sum = 0.0
         if self.pipeline is not None:  # only the last stage's ranks compute (and sum) the loss
             documents = not self.cfg.data.cross_document_attention
-            loss_sum = self.pipeline.step(micro_batches, scale, z_coef, documents, self.autocast)
+            loss_sum = self.pipeline.step(micro_batches, scale, z_coef, documents, self.autocast, row_position_ids)
             micro_batches = []  # consumed by the schedule
         for i, mb in enumerate(micro_batches):
             set_microbatch_grad_sync(self.model, i == len(micro_batches) - 1, self.cfg.parallel.accumulate_unsharded_grads)

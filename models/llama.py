@@ -60,6 +60,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        cos, sin = cos[..., :t, :], sin[..., :t, :]  # a no-op unless given the whole table
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x, cos, sin, position_ids=None, shard: SequenceShard | None = None):
@@ -141,7 +142,10 @@ class Llama(nn.Module):
         [B, T, dim] in place of input_ids; one without `norm` returns its last block's output."""
         h = self.tok_embeddings(input_ids) if self.tok_embeddings is not None else input_ids
         rope_positions = shard.positions(input_ids.shape[0]) if shard is not None and position_ids is None else position_ids
-        cos, sin = self.rope(rope_positions, input_ids.shape[1])
+        # a later stage's hidden states may be sequence-sharded (TP's sequence parallelism): the
+        # whole table goes in and each block's attention cuts it to its gathered length
+        seq_len = input_ids.shape[1] if self.tok_embeddings is not None else self.cfg.max_seq_len
+        cos, sin = self.rope(rope_positions, seq_len)
         cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for block in self.layers.values():
             h = block(h, cos, sin, position_ids, shard)

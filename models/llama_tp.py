@@ -84,16 +84,18 @@ def apply_llama_tp(
         raise ValueError("parallel.loss_parallel: not supported with model.z_loss > 0 (z-loss needs full logits)")
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan(sequence_parallel, model.cfg.qk_norm))
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Shard(1) if sequence_parallel else Replicate()
-            ),
-            **({"norm": SequenceParallel()} if sequence_parallel else {}),
-        },
-    )
+    # a pipeline stage (engine.pipeline) lacks tok_embeddings before the first stage and
+    # norm/output before the last: their parts of the plan are skipped
+    first, last = model.tok_embeddings is not None, model.norm is not None
+    top = {}
+    if first:
+        top["tok_embeddings"] = RowwiseParallel(
+            input_layouts=Replicate(), output_layouts=Shard(1) if sequence_parallel else Replicate()
+        )
+    if last and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if top:
+        parallelize_module(model, tp_mesh, top)
     if model.output is not None:  # untied: Llama.project reads output.weight directly
         model.output.weight = nn.Parameter(distribute_tensor(model.output.weight, tp_mesh, [Shard(0)]))
 
@@ -113,6 +115,8 @@ def apply_llama_tp(
         # DTensor's backward (wrong grads / a crash). A fresh [b, t, d] tensor avoids that.
         return output.clone()
 
-    model.tok_embeddings.register_forward_hook(fresh_embedding)
-    model.norm.register_forward_hook(gather_final_hidden)
-    model.register_forward_hook(plain_logits)
+    if first:
+        model.tok_embeddings.register_forward_hook(fresh_embedding)
+    if last:  # a stage before the last returns its hidden states as they are (sequence-sharded under SP)
+        model.norm.register_forward_hook(gather_final_hidden)
+        model.register_forward_hook(plain_logits)
