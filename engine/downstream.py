@@ -250,11 +250,13 @@ def _input_length(row: tuple[list[int], int]) -> int:
 
 @torch.no_grad()
 def _score_rows(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]], shapes: Sequence[tuple[int, int]],
-                device: torch.device, autocast_dtype: torch.dtype | None) -> list[float]:
+                device: torch.device, autocast_dtype: torch.dtype | None) -> list[float] | None:
     """Summed log-prob of each row's continuation, rows taken in order by forwards of `shapes`
     (inputs: each row but its last token, right-padded; nothing past a row's input is read, so a
-    row scores as it would alone)."""
+    row scores as it would alone). None on a pipeline stage before the last (engine.pipeline:
+    the model returns no logits there; it still runs every forward, stage to stage)."""
     scores: list[torch.Tensor] = []
+    no_logits = False
     start = 0
     for n_rows, n_tokens in shapes:
         batch = rows[start : start + n_rows]
@@ -267,12 +269,17 @@ def _score_rows(model: torch.nn.Module, rows: Sequence[tuple[list[int], int]], s
         input_ids, next_ids = input_ids.to(device), next_ids.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(input_ids)
+        if logits is None:
+            no_logits = True
+            continue
         if hasattr(logits, "full_tensor"):  # a vocab-sharded DTensor (tensor parallel)
             logits = logits.full_tensor()
         for i, (ids, n_continuation) in enumerate(batch):
             end = len(ids) - 1  # the input's length
             log_probs = logits[i, end - n_continuation : end].float().log_softmax(-1)
             scores.append(log_probs.gather(-1, next_ids[i, end - n_continuation : end, None]).sum())
+    if no_logits:
+        return None
     return torch.stack(scores).tolist() if scores else []
 
 
@@ -321,9 +328,10 @@ def score_task(
     rows += [([0], 0)] * (sum(n for n, _ in shapes) - len(rows))  # dummy rows: only padding, nothing scored
     scores = _score_rows(model, rows, shapes, device, autocast_dtype)
     model.train(was_training)
-    log_probs = {i: np.zeros(len(task.rows[i])) for i in shares[rank]}
-    for (i, c), score in zip(mine, scores[: len(mine)], strict=True):  # the rest: dummy rows
+    log_probs = {i: np.zeros(len(task.rows[i])) for i in shares[rank]} if scores is not None else {}
+    for (i, c), score in zip(mine, (scores or [])[: len(mine)], strict=scores is not None):  # the rest: dummy rows
         log_probs[i][c] = score
+    # a pipeline stage before the last counts nothing: the last stage's ranks count its items
     correct = sum(int(np.argmax(lp) == task.labels[i]) for i, lp in log_probs.items())
     correct_norm = sum(int(np.argmax(lp / task.choice_lengths[i]) == task.labels[i]) for i, lp in log_probs.items())
     items = len(log_probs)

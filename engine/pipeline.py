@@ -90,7 +90,6 @@ def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
          "pipeline stages (parallel.pp > 1); set model.tie_embeddings: false"),
         (cfg.data.decomposition is not None, "parallel.pp: data.decomposition changes the row length every "
          "step; the pipeline schedule's shapes are fixed"),
-        (bool(cfg.train.eval_tasks), "train.eval_tasks: downstream scoring is not supported with parallel.pp > 1 yet"),
         (cfg.continual.active, "parallel.pp: continual runs are not supported with parallel.pp > 1 yet"),
     ]  # fmt: skip
     for failed, message in unsupported:
@@ -150,7 +149,7 @@ class Pipeline:
         self.pp, self.pp_rank = dims.pp, dims.pp_rank(ctx.rank)
         # sequence parallelism: hidden states travel between stages sharded along the sequence
         self.sequence_shards = dims.tp if cfg.parallel.sequence_parallel else 1
-        self.shard_for, self.cp, self._row_len = shard_for, dims.cp, 0
+        self.shard_for, self.cp, self._row_len, self._in_schedule = shard_for, dims.cp, 0, False
         self.group = mesh["pp"].get_group()
         per_rank = stages_per_rank(cfg)
         self.n_stages = dims.pp * per_rank
@@ -224,9 +223,10 @@ class Pipeline:
         """Forward pre-hook of each stage under context parallelism: the SequenceShard of the
         micro-batch the schedule hands it, built from that micro-batch's full-row position_ids
         (`row_position_ids`, split into micro-batches with the rows), so shards always match
-        micro-batches whatever parallel.pp_microbatches. An explicit `shard=` (eval) is kept."""
+        micro-batches whatever parallel.pp_microbatches. Outside the schedule (eval) the caller's
+        `shard=` is used as given (none: every CP rank runs whole rows, as downstream scoring does)."""
         rows = kwargs.pop("row_position_ids", None)
-        if kwargs.get("shard") is None:
+        if self._in_schedule and kwargs.get("shard") is None:
             full = rows if rows is not None else torch.empty((0, self._row_len), device="meta")
             kwargs["shard"] = self.shard_for({"input_ids": full, "position_ids": rows}, self.ctx.device)
         return args, kwargs
@@ -249,8 +249,12 @@ class Pipeline:
                 kwargs["row_position_ids"] = torch.cat(row_position_ids).to(device)
         self._scale, self._z_coef, self._nll = scale, z_coef, []
         args = (input_ids,) if self.has_first else ()
+        self._in_schedule = True
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None), self._loss_context():
-            self.schedule.step(*args, target=labels if self.has_last else None, **kwargs)
+            try:
+                self.schedule.step(*args, target=labels if self.has_last else None, **kwargs)
+            finally:
+                self._in_schedule = False
         # the schedule calls the loss once per micro-batch; at the first step torch may call it
         # before them on placeholder outputs (shape inference): those come first and are dropped
         real = self._nll[len(self._nll) - self.n_microbatches :] if self.has_last else []

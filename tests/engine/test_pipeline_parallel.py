@@ -31,15 +31,37 @@ def val(run_dir) -> dict:
     return json.loads((run_dir / "summary.json").read_text())["val"]
 
 
-@pytest.fixture(scope="module")
-def single(tiny_corpus, tmp_path_factory):
-    return shared_run("single_untied_4_layers", tmp_path_factory, tiny_corpus, 1, steps=10, **LLAMA)
+TASK_ITEMS = [  # multiple choice scored at the end of the run (train.eval_tasks)
+    {"context": "import os\nimport", "choices": [" sys", " os.path", " re"], "label": 0},
+    {"context": "def f(self", "choices": ["):", ", x):", "): return None"], "label": 0},
+    {"context": "for i in", "choices": [" range(10):", " x", " self.items():\n    pass"], "label": 0},
+    {"context": "return", "choices": [" None", " self", " True"], "label": 1},
+    {"context": "class A", "choices": [":", "(object):", "(Exception):\n    pass"], "label": 1},
+]
 
 
 @pytest.fixture(scope="module")
-def pp2(tiny_corpus, tmp_path_factory):
+def tasks(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("tasks") / "mc.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in TASK_ITEMS))
+    return {"train.eval_tasks": {"mc": str(path)}}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_corpus, tmp_path_factory, tasks):
+    return shared_run("single_untied_4_layers", tmp_path_factory, tiny_corpus, 1, steps=10, **LLAMA, **tasks)
+
+
+@pytest.fixture(scope="module")
+def pp2(tiny_corpus, tmp_path_factory, tasks):
     return shared_run("pp2_1f1b", tmp_path_factory, tiny_corpus, 2, steps=10,
-                      **LLAMA, **{"parallel.pp": 2, "checkpoint.every": 5})  # fmt: skip
+                      **LLAMA, **tasks, **{"parallel.pp": 2, "checkpoint.every": 5})  # fmt: skip
+
+
+def assert_same_task_scores(run, single) -> None:
+    """train.eval_tasks scored through the pipeline: the last stage's ranks count the items."""
+    for key in ("task_acc/mc", "task_acc_norm/mc"):
+        assert val(run)[key] == val(single)[key], key
 
 
 def test_pp2_1f1b_follows_the_one_process_curve_and_eval(pp2, single):
@@ -53,6 +75,7 @@ def test_pp2_1f1b_follows_the_one_process_curve_and_eval(pp2, single):
     val_pp, val_1 = val(pp2), val(single)
     assert val_pp["val_tokens"] == val_1["val_tokens"]
     assert abs(val_pp["val_loss"] - val_1["val_loss"]) <= 1e-4 * val_1["val_loss"]
+    assert_same_task_scores(pp2, single)
 
 
 def test_gpipe_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory):
@@ -71,10 +94,10 @@ def test_interleaved_1f1b_x_fsdp2_on_four_processes_follows_the_one_process_curv
     assert val(run)["val_tokens"] == val(single)["val_tokens"]
 
 
-def test_pp2_x_tp2_with_sequence_and_loss_parallel_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory):
+def test_pp2_x_tp2_with_sequence_and_loss_parallel_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory, tasks):
     # each stage tensor-parallel over 2 ranks: hidden states travel sequence-sharded, the last
     # stage's logits stay vocab-sharded into the loss; eval gathers them
-    run = shared_run("pp2_tp2_sp_lp", tmp_path_factory, tiny_corpus, 4, steps=10, **LLAMA, **{
+    run = shared_run("pp2_tp2_sp_lp", tmp_path_factory, tiny_corpus, 4, steps=10, **LLAMA, **tasks, **{
         "parallel.pp": 2, "parallel.tp": 2, "parallel.sequence_parallel": True, "parallel.loss_parallel": True,
     })  # fmt: skip
     assert_close(losses(run), losses(single), STEPS)
@@ -82,17 +105,19 @@ def test_pp2_x_tp2_with_sequence_and_loss_parallel_follows_the_one_process_curve
     assert_close(grad_norms(run), grad_norms(single), STEPS, rel=1e-3)
     assert val(run)["val_tokens"] == val(single)["val_tokens"]
     assert abs(val(run)["val_loss"] - val(single)["val_loss"]) <= 1e-4 * val(single)["val_loss"]
+    assert_same_task_scores(run, single)
 
 
-def test_pp2_x_cp2_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory):
+def test_pp2_x_cp2_follows_the_one_process_curve(single, tiny_corpus, tmp_path_factory, tasks):
     # packed documents split zigzag over 2 CP ranks per stage; the schedule's 4 micro-batches of
     # 2 rows cut the loader's 2 micro-batches of 4: each stage shards the rows it is handed
-    run = shared_run("pp2_cp2", tmp_path_factory, tiny_corpus, 4, steps=10, **LLAMA,
+    run = shared_run("pp2_cp2", tmp_path_factory, tiny_corpus, 4, steps=10, **LLAMA, **tasks,
                      **{"parallel.pp": 2, "parallel.cp": 2, "parallel.pp_microbatches": 4})  # fmt: skip
     assert_close(losses(run), losses(single), STEPS)
     assert_close(grad_norms(run), grad_norms(single), STEPS, rel=1e-3)  # CP reduce-scatters K/V grads
     assert val(run)["val_tokens"] == val(single)["val_tokens"]
     assert abs(val(run)["val_loss"] - val(single)["val_loss"]) <= 1e-4 * val(single)["val_loss"]
+    assert_same_task_scores(run, single)
 
 
 def test_gla_with_z_loss_splits_unevenly_and_follows_the_one_process_curve(tiny_corpus, tmp_path_factory):
