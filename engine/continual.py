@@ -334,6 +334,8 @@ def check_model_matches(path: Path, model: torch.nn.Module) -> None:
         if key.startswith("model.") and hasattr(meta, "size")
     }
     own = {name: tuple(tensor.shape) for name, tensor in get_model_state_dict(model).items()}
+    if hasattr(model, "whole_model_shapes"):  # pipeline stages (engine.pipeline): this rank loads its share
+        own = model.whole_model_shapes()
     missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or unexpected:
         raise ConfigError(

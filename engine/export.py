@@ -305,17 +305,19 @@ def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> ModelConfig:
 
     model_cfg, state_dict = load_hf_checkpoint(hf_dir)
     own = get_model_state_dict(model)
-    missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+    # pipeline stages (engine.pipeline) hold part of the model: the directory must match the whole
+    expected = model.whole_model_shapes() if hasattr(model, "whole_model_shapes") else {n: tuple(t.shape) for n, t in own.items()}
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"{hf_dir}: weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in state_dict.items():
-        if tuple(own[name].shape) != tuple(tensor.shape):
+        if expected[name] != tuple(tensor.shape):
             raise ValueError(
-                f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(own[name].shape)}"
+                f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
             )
-        state_dict[name] = tensor.to(own[name].dtype)
+    state_dict = {name: tensor.to(own[name].dtype) for name, tensor in state_dict.items() if name in own}
     set_model_state_dict(
         model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True)
     )

@@ -90,7 +90,6 @@ def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
          "pipeline stages (parallel.pp > 1); set model.tie_embeddings: false"),
         (cfg.data.decomposition is not None, "parallel.pp: data.decomposition changes the row length every "
          "step; the pipeline schedule's shapes are fixed"),
-        (cfg.continual.active, "parallel.pp: continual runs are not supported with parallel.pp > 1 yet"),
     ]  # fmt: skip
     for failed, message in unsupported:
         if failed:
@@ -121,6 +120,15 @@ class PipelineParts(nn.Module):
         self.norm = stages[last].norm if last in stages else None
         self.output = stages[last].output if last in stages else None
         self._pipeline = pipeline  # a plain attribute: not a submodule, so the names stay as they are
+
+    def whole_model_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> global shape of every tensor of the whole (unsplit) model's state dict: what
+        a checkpoint or HF directory must hold when this rank loads its share of it."""
+        from models.spec import get_spec
+
+        with torch.device("meta"):
+            whole = get_spec(self.cfg.family).build(self.cfg)
+        return {name: tuple(t.shape) for name, t in whole.state_dict().items()}
 
     def train(self, mode: bool = True) -> PipelineParts:
         super().train(mode)

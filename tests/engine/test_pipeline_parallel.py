@@ -134,6 +134,19 @@ def test_a_pp2_checkpoint_resumes_on_one_process(pp2, tmp_path):
     assert_close(got, losses(pp2), range(6, 11))
 
 
+def test_a_continual_run_at_pp2_continues_its_pp2_source(pp2, tiny_corpus, tmp_path):
+    """Each stage loads its share of the source checkpoint (the names are checked against the
+    whole model); keeping everything continues the source's curve."""
+    source = copy_run(pp2, tmp_path / "source", keep_steps=[5])
+    run_dir = tmp_path / "continued"
+    tree = run_tree(tiny_corpus, run_dir, steps=10, **LLAMA, **{"parallel.pp": 2})
+    tree["continual"] = {"source": str(source), "optimizer": "keep", "schedule": "continue", "data": "continue"}
+    run_ranks(2, run_dir, tree)
+    got = losses(run_dir)
+    assert sorted(got) == list(range(6, 11))
+    assert_close(got, losses(pp2), range(6, 11))
+
+
 def test_degrees_stage_split_and_rank_layout_with_pp():
     dims = resolve_degrees(ParallelConfig(pp=2, tp=2), 8)
     assert dims == ParallelDims(1, 2, 2, 1, 2) and dims.dp_size == 2 and dims.fsdp_size == 2
