@@ -10,12 +10,20 @@ Layers split by index, as evenly as possible, earlier stages taking the extra on
 stage also runs the output projection and the loss). position_ids reach every stage as a
 schedule keyword argument, so each stage rebuilds RoPE / GLA's cu_seqlens from them. Every rank
 initializes the whole model once (the same weights as at pp = 1, as build_model does before
-FSDP2 shards it) and keeps its stages' modules. FSDP2 reduce-scatters a stage's gradients once,
+FSDP2 shards it) and keeps its stages' modules. Each stage is parallelized on its own over the
+pp rank's slice of the mesh: TP (the family's plan skips the parts a stage lacks; under
+sequence parallelism hidden states travel sequence-sharded; loss_parallel runs the whole
+schedule inside loss_parallel()), then FSDP2, which reduce-scatters a stage's gradients once,
 after its last micro-batch (the schedule's choice, whatever parallel.accumulate_unsharded_grads).
+Context parallelism: the trainer slices the rows; a pre-hook on each stage builds the
+SequenceShard of the micro-batch the schedule hands it from the full rows' position_ids (a
+schedule keyword argument split with the rows), so shards match micro-batches whatever
+parallel.pp_microbatches. Eval (val sets and train.eval_tasks) runs stage to stage; ranks
+before the last stage score nothing. Continual runs check the source against the whole model
+(PipelineParts.whole_model_shapes) and load each stage's share.
 Not supported (ConfigError naming the fields): model.tie_embeddings (the embedding would live on
-the first and the last stage), parallel.tp / parallel.cp (their plans act on the whole model),
-data.decomposition (the schedule's shapes are fixed at the first step), train.eval_tasks and
-continual runs (they read the whole model on every rank).
+the first and the last stage; their gradients would need summing across them) and
+data.decomposition (the schedule's shapes are fixed at the first step).
 """
 
 from __future__ import annotations

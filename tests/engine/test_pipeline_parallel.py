@@ -1,10 +1,11 @@
 """Pipeline parallelism on CPU (gloo): a tiny untied 4-layer Llama split into pipeline stages
 follows the one-process loss and grad-norm curves (1e-4 relative) under 1F1B and GPipe on 2
-processes and interleaved 1F1B x FSDP2 on 4 (2 stages per rank); eval through the pipeline
-scores the same tokens; a 3-layer GLA with z-loss splits unevenly (2 + 1 layers) and follows its
-curve; a pp=2 checkpoint resumes on one process and continues the curve (the optimizer state is
-saved per parameter; older grouped checkpoints still load); settings that cannot run pipelined
-stop at once naming the fields."""
+processes, interleaved 1F1B x FSDP2, pp2 x tp2 (sequence + loss parallel) and pp2 x cp2 on 4;
+eval through the pipeline scores the same tokens and the same train.eval_tasks answers; a
+3-layer GLA with z-loss splits unevenly (2 + 1 layers) and follows its curve; a pp=2
+checkpoint resumes on one process and continues the curve (the optimizer state is saved per
+parameter; older grouped checkpoints still load), and a pp=2 continual run continues its pp=2
+source; settings that cannot run pipelined stop at once naming the fields."""
 
 from __future__ import annotations
 
