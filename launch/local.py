@@ -197,6 +197,24 @@ class _ForwardSignals:
             signal.signal(signum, handler)
 
 
+def check_before_spawning(cfg, world_size: int, *, data: bool = True) -> None:  # noqa: ANN001 (a StrataConfig)
+    """The checks every rank makes first (parallel degrees for `world_size`, the context- and
+    pipeline-parallel splits, and with `data` the data paths), made once here before any process
+    starts: a wrong combination is one `config error:` line (exit 2) rather than one per rank, and
+    a SLURM job is refused at submission rather than after it waited in the queue."""
+    from engine.entry import check_data_paths
+    from engine.parallel import context_parallel_plan, resolve_degrees
+
+    dims = resolve_degrees(cfg.parallel, world_size)
+    context_parallel_plan(cfg, dims, None, 0)  # None when cp == 1
+    if dims.pp > 1:
+        from engine.pipeline import check_pipeline
+
+        check_pipeline(cfg, dims)
+    if data:
+        check_data_paths(cfg)
+
+
 def launch_local(
     strata_argv: Sequence[str],
     nproc: int,

@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from engine.errors import ConfigError
 from launch.arguments import add_set_argument, positive_int
 
 EPILOG = """examples:
@@ -139,19 +140,22 @@ def run(args: argparse.Namespace) -> int:
     nproc_default = cfg.launch.nproc
     try:
         if launcher == "local":
-            return _run_local(args, config, overrides, nproc_default)
+            return _run_local(args, cfg, config, overrides, nproc_default)
         if launcher == "ray":
-            return _run_ray(args, config, overrides, run_dir, nproc_default)
-        return _run_slurm(args, config, overrides, run_dir, nproc_default)
+            return _run_ray(args, cfg, config, overrides, run_dir, nproc_default)
+        return _run_slurm(args, cfg, config, overrides, run_dir, nproc_default)
+    except ConfigError:  # `config error: FIELD: ...` (launch.cli), as from `strata train`
+        raise
     except ValueError as err:  # SlurmError and bad sizes: a clear message, exit 2
         print(f"submit: error: {err}", file=sys.stderr)
         return 2
 
 
-def _run_local(args: argparse.Namespace, config: str, overrides: list[str], nproc_default: int) -> int:
-    from launch.local import launch_local
+def _run_local(args: argparse.Namespace, cfg, config: str, overrides: list[str], nproc_default: int) -> int:
+    from launch.local import check_before_spawning, launch_local
 
     nproc = args.nproc or args.workers_per_node or nproc_default
+    check_before_spawning(cfg, nproc)
     argv = ["train", config, *[x for o in overrides for x in ("--set", o)]]
     if args.resume:
         argv += ["--resume", args.resume]
@@ -169,12 +173,14 @@ def _ray_options(args: argparse.Namespace, nproc_default: int):  # noqa: ANN202
     ).validate()
 
 
-def _run_ray(args: argparse.Namespace, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:
+def _run_ray(args: argparse.Namespace, cfg, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:
+    from launch.local import check_before_spawning
     from launch.ray_launcher import RayRun, launch_ray
 
     options = _ray_options(args, nproc_default)
     if args.address is None and args.nodes > 1:
         raise ValueError("--nodes > 1 needs a cluster: pass --address (a local instance is one node)")
+    check_before_spawning(cfg, options.world_size, data=args.address is None)  # a cluster's paths may be its own
     return launch_ray(RayRun(config, tuple(overrides), args.resume, run_dir), options)
 
 
@@ -185,7 +191,8 @@ def _cpus_per_task(args: argparse.Namespace, tasks: int) -> int | None:
     return math.ceil(args.cpus_per_worker) if args.cpus_per_worker > 1 else None
 
 
-def _run_slurm(args: argparse.Namespace, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:
+def _run_slurm(args: argparse.Namespace, cfg, config: str, overrides: list[str], run_dir: str, nproc_default: int) -> int:
+    from launch.local import check_before_spawning
     from launch.slurm import SlurmJob, TrainRequest, parse_env_assignment, render_script, submit
 
     if args.gpus_per_node and args.workers_per_node and args.workers_per_node != args.gpus_per_node \
@@ -193,6 +200,7 @@ def _run_slurm(args: argparse.Namespace, config: str, overrides: list[str], run_
         raise ValueError(f"--workers-per-node {args.workers_per_node} != --gpus-per-node {args.gpus_per_node}: "
                          "SLURM runs one task per GPU")
     tasks = args.gpus_per_node or args.workers_per_node or args.nproc or nproc_default
+    check_before_spawning(cfg, args.nodes * (args.gpus_per_node or tasks), data=False)  # the nodes' paths may differ
     job = SlurmJob(
         job_name=args.job_name, nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
         cpus_per_task=_cpus_per_task(args, tasks),

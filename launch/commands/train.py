@@ -29,7 +29,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is None:  # a new run: never on top of another one's checkpoints
         check_new_run_dir(resolve_config(args.config, args.overrides, None).train.run_dir)
     if args.nproc > 1:
-        from launch.local import launch_local
+        from launch.local import check_before_spawning, launch_local
+
+        check_before_spawning(resolve_config(args.config, args.overrides, args.resume), args.nproc)
 
         forwarded = ["train"] + ([args.config] if args.config else [])
         forwarded += [x for o in args.overrides for x in ("--set", o)]

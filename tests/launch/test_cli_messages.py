@@ -63,3 +63,35 @@ def test_select_labels_its_write_phase_write(corpus, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "select miniplm write [" in err  # the write phase's progress line
     assert "select miniplm [" not in err  # no scoring phase: the scores were reused
+
+
+@pytest.mark.parametrize("argv, overrides, field", [
+    (["train", "--nproc", "2"], {"parallel.cp": 3}, "parallel: dp_replicate (1) x cp (3)"),
+    (["submit", "--launcher", "local", "--nproc", "2"], {"parallel.pp": 2}, "model.tie_embeddings:"),
+    (["submit", "--launcher", "ray", "--workers-per-node", "2"],
+     {"parallel.pp": 2, "model.tie_embeddings": False, "parallel.pp_microbatches": 3}, "parallel.pp_microbatches:"),
+    (["submit", "--launcher", "slurm", "--workers-per-node", "2", "--dry-run"],
+     {"parallel.cp": 2, "data.seq_len": 30}, "data.seq_len: 30 tokens do not split"),
+])
+def test_a_combination_wrong_for_the_world_size_is_one_line_before_any_rank_starts(
+        tiny_corpus, tmp_path, capsys, monkeypatch, argv, overrides, field):
+    """Each rank would name the same error (one line per rank, after the spawn; on SLURM after the queue)."""
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    def no_spawn(*args, **kwargs):
+        raise AssertionError("ranks were started")
+
+    monkeypatch.setattr("launch.local.launch_local", no_spawn)
+    monkeypatch.setattr("launch.ray_launcher.launch_ray", no_spawn)
+    monkeypatch.setattr("launch.slurm.submit", no_spawn)
+    config = tmp_path / "config.yaml"
+    tree = tiny_config(tiny_corpus, tmp_path / "run", **{"parallel.dp_replicate": 1, **overrides})
+    config.write_text(yaml.safe_dump(tree))
+    capsys.readouterr()
+    assert main([argv[0], str(config), *argv[1:]]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: ") and field in lines[0], captured
+    assert "script" not in captured.out  # no sbatch script printed for --dry-run
