@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from launch.arguments import add_set_argument, positive_int
+
 STYLE = {"ok": "[green]ok[/]", "warning": "[yellow]warning[/]", "failure": "[red]FAIL[/]", "info": "[dim]info[/]"}
 
 
@@ -22,9 +24,8 @@ def add_parser(subparsers) -> None:
         "tokenizers, vocab), free disk for checkpoints and GPU memory. Exit 1 when a check fails.",
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG", help="YAML config to check (optional)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, as for strata train (repeatable)")  # fmt: skip
-    parser.add_argument("--nproc", type=int, default=None,
+    add_set_argument(parser)
+    parser.add_argument("--nproc", type=positive_int, default=None,
                         help="processes the run will use (default: the config's launch.nproc)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the checks as JSON")
     parser.set_defaults(func=run)

@@ -80,3 +80,12 @@ def test_the_table(tiny_corpus, tmp_path, capsys, monkeypatch):
     assert main(["doctor", write(tmp_path, tiny_config(tiny_corpus, tmp_path / "run"))]) == 0
     out = capsys.readouterr().out
     assert "strata doctor" in out and "no check failed" in out and "source tiny" in out
+
+
+def test_set_takes_several_overrides_as_train_does_and_nproc_must_be_positive(tiny_corpus, tmp_path, capsys):
+    config = write(tmp_path, tiny_config(tiny_corpus, tmp_path / "run"))
+    code, report = doctor(capsys, config, "--set", "parallel.dp_replicate=1", "parallel.cp=2", "--nproc", "2")
+    assert code == 0 and "cp 2" in by_name(report)["parallel/degrees"]["detail"], report
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", config, "--nproc", "0"])
+    assert exit_info.value.code == 2 and "--nproc" in capsys.readouterr().err
