@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import logging
 from typing import NamedTuple
 
 import torch
@@ -23,17 +24,31 @@ DIM_MULTIPLE = 16
 
 
 class Float8Plan(NamedTuple):
-    """Which Linear layers (by module name) float8 converts and which it keeps in high precision."""
+    """Which Linear layers (by module name) float8 converts and which it keeps in high precision;
+    `unmatched`: `skip` patterns that name no Linear layer (a typo, or a tied model's `output`)."""
 
     converted: list[str]
     skipped: list[str]
+    unmatched: list[str] = []
+
+
+def _import_torchao_float8() -> None:
+    """Imports torchao.float8 without torch's once-per-process notice about torchao registering an
+    Enum with pytree (printed by every rank, about torchao's internals, nothing a user can act on)."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        import torchao.float8  # noqa: F401
+    finally:
+        pytree_log.setLevel(level)
 
 
 def check_float8_supported(cfg: Float8Config, device: torch.device) -> None:
     """ConfigError naming the field unless torchao is installed and `device` runs float8 GEMMs
     (or `cfg.emulate`)."""
     try:
-        import torchao.float8  # noqa: F401
+        _import_torchao_float8()
     except ImportError as err:  # not installed, or built for another torch
         raise ConfigError(f"parallel.float8.enabled: float8 training needs torchao ({err}): pip install 'strata[gpu]'") from None
     if cfg.emulate:
@@ -62,7 +77,9 @@ def float8_plan(model: nn.Module, cfg: Float8Config) -> Float8Plan:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
             (skipped if _keeps_high_precision(module, name, cfg.skip) else converted).append(name)
-    return Float8Plan(converted, skipped)
+    linears = converted + skipped
+    unmatched = [p for p in cfg.skip if not any(fnmatch.fnmatchcase(name, p) for name in linears)]
+    return Float8Plan(converted, skipped, unmatched)
 
 
 def apply_float8(model: nn.Module, cfg: Float8Config, device: torch.device, fsdp: bool) -> Float8Plan | None:

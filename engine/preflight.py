@@ -209,8 +209,13 @@ def _float8_checks(cfg) -> list[Check]:
         return []
     skipped = f" ({', '.join(plan.skipped[:4])}{', ...' if len(plan.skipped) > 4 else ''})" if plan.skipped else ""
     how = f"{f8.recipe}{', emulated' if f8.emulate else ''}{', float8 all-gather' if f8.fsdp_float8_all_gather else ''}"
-    return [Check("parallel", "float8", OK, f"{how}: {len(plan.converted)} Linear layers in float8, "
-                  f"{len(plan.skipped)} kept in high precision{skipped}")]  # fmt: skip
+    checks = [Check("parallel", "float8", OK, f"{how}: {len(plan.converted)} Linear layers in float8, "
+                    f"{len(plan.skipped)} kept in high precision{skipped}")]  # fmt: skip
+    typos = [p for p in plan.unmatched if not (p == "output" and cfg.model.tie_embeddings)]  # tied: no output layer
+    if typos:
+        checks.append(Check("parallel", "float8_skip", WARN, f"parallel.float8.skip: {', '.join(map(repr, typos))} "
+                            "name no Linear layer", "fix the pattern (module names such as layers.*.feed_forward.w2)"))  # fmt: skip
+    return checks
 
 
 def _model_params(cfg, checks: list[Check]) -> int | None:

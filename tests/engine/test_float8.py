@@ -163,3 +163,9 @@ def test_doctor_reports_the_float8_layers_and_fails_where_float8_cannot_run(tiny
         on_cpu = [c for c in config_checks(load_config(tree, ["parallel.float8.enabled=true"]), 1) if c.name == "float8"]
         assert [c.status for c in on_cpu] == [FAIL] and "compute capability >= 8.9" in on_cpu[0].detail
     assert not [c for c in config_checks(load_config(tree), 1) if c.name == "float8"]
+    # a skip pattern that names no Linear layer is a warning (the default `output` of a tied model is not)
+    assert not [c for c in config_checks(load_config(tree, ["parallel.float8.enabled=true", "parallel.float8.emulate=true"]), 1)
+                if c.name == "float8_skip"]  # fmt: skip
+    typo = [c for c in config_checks(load_config(tree, ["parallel.float8.enabled=true", "parallel.float8.emulate=true",
+                                                         "parallel.float8.skip=[output, nosuch]"]), 1) if c.name == "float8_skip"]
+    assert [c.status for c in typo] == ["warning"] and "'nosuch' name no Linear layer" in typo[0].detail
