@@ -25,6 +25,18 @@ SPIKE_MIN_HISTORY = 5  # and needs at least this many before it judges
 EXIT_STATUS = {0: "finished", 75: "stopped for requeue (exit 75)", 3: "diverged (exit 3)"}
 
 
+def closing_line(summary: dict[str, Any], run_dir: str | Path) -> str:
+    """Where a run stands and where its outputs are, from its summary.json fields (exit_code,
+    step, tokens_seen, val): the trainer's last line, and the Ray launcher's."""
+    code = summary.get("exit_code")
+    state = {0: "finished", 75: "stopped for a requeue", 3: "diverged"}.get(code, f"ended with exit code {code}")
+    val = summary.get("val") or {}
+    scores = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
+    scores += f" ({val['val_bpb']:.3f} bits/byte)" if "val_bpb" in val else ""
+    return (f"run {state} at step {summary.get('step', 0):,} ({summary.get('tokens_seen', 0):,} tokens){scores}; outputs in "
+            f"{run_dir}/ (config.yaml, metrics.jsonl, report.png, tb/, checkpoints/); `strata report {run_dir}`")
+
+
 class MetricsHistory(NamedTuple):
     """A run's history as its last process saw it."""
 

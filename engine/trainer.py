@@ -41,7 +41,7 @@ from engine.parallel import (
     total_grad_norm,
 )
 from engine.profiling import StepProfiler
-from engine.report import load_run, plot_runs
+from engine.report import closing_line, load_run, plot_runs
 from engine.signals import REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
@@ -397,18 +397,8 @@ class Trainer:
         result = TrainResult(exit_code, self.step, self.tokens_seen, loss, val, run_tokens / max(elapsed, 1e-9))
         if ctx.is_main:
             write_json_atomic(self.run_dir / "summary.json", result.__dict__)
-            print(self._closing_line(result), flush=True)
+            print(closing_line(result.__dict__, self.run_dir), flush=True)
         return result
-
-    def _closing_line(self, result: TrainResult) -> str:
-        """Where the run stands and where its outputs are (printed once, by rank 0)."""
-        how = {0: "finished", REQUEUE_EXIT_CODE: "stopped for a requeue", DIVERGED_EXIT_CODE: "diverged"}
-        state = how.get(result.exit_code, f"ended with exit code {result.exit_code}")
-        val = result.val or {}
-        scores = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
-        scores += f" ({val['val_bpb']:.3f} bits/byte)" if "val_bpb" in val else ""
-        return (f"run {state} at step {result.step:,} ({result.tokens_seen:,} tokens){scores}; outputs in "
-                f"{self.run_dir}/ (config.yaml, metrics.jsonl, report.png, tb/, checkpoints/); `strata report {self.run_dir}`")
 
     def _wandb_options(self) -> dict | None:
         log = self.cfg.logging

@@ -345,6 +345,16 @@ class RayLauncher:
             for worker in workers:
                 ray.kill(worker, no_restart=True)
 
+    def _say_outcome(self) -> None:
+        """The run's closing line from its summary.json (rank 0 wrote it before returning)."""
+        from engine.report import closing_line
+
+        try:
+            summary = json.loads((Path(self.run.run_dir) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return
+        self.say(closing_line(summary, self.run.run_dir))
+
     def launch(self) -> int:
         import ray
 
@@ -365,6 +375,8 @@ class RayLauncher:
                             self.say(f"the ranks checkpointed after a stop request; exit {REQUEUE_EXIT_CODE} (requeue)")
                         elif detail == DIVERGED_EXIT_CODE:
                             self.say(f"the run diverged (exit {DIVERGED_EXIT_CODE}); not restarting: see the log for the steps skipped")
+                        else:  # rank 0's own last line can be lost when the workers are torn down
+                            self._say_outcome()
                         return int(detail)
                     if stops.received:
                         self.say(f"a worker failed while stopping ({detail}); not restarting")

@@ -39,6 +39,8 @@ def test_cli_runs_two_cpu_workers_with_the_single_process_losses(corpus, tmp_pat
     out = result.stdout + result.stderr
     assert "on a local Ray instance on 127.0.0.1" in out
     assert "(rank0 pid=" in out and "step 4/4" in out  # worker logs reach the driver, rank-prefixed
+    # the launcher says how the run ended itself (rank 0's own last line can be lost in teardown)
+    assert "[launcher] run finished at step 4 " in out and f"outputs in {tmp_path / 'ray'}/" in out
     single, ray = read_losses(tmp_path / "single"), read_losses(tmp_path / "ray")
     assert len(ray) == 4 and max(abs(a - b) for a, b in zip(single, ray, strict=True)) < 1e-5
 
