@@ -306,6 +306,8 @@ def mirror_writable(url: str, scratch: Path) -> str | None:
     probe_dir = Path(tempfile.mkdtemp(prefix=".mirror-probe-", dir=scratch))
     (probe_dir / "probe").write_text("strata doctor\n")
     rel = f".strata-probe-{socket.gethostname()}-{os.getpid()}"
+    local_root = None if "://" in url else Path(url)  # a path mirror: leave no directory behind
+    root_existed = local_root is not None and local_root.exists()
     try:
         store = RemoteStore(url, scratch)
         store.upload(probe_dir, rel, ["probe"])
@@ -317,3 +319,6 @@ def mirror_writable(url: str, scratch: Path) -> str | None:
         return _first_line(err)
     finally:
         shutil.rmtree(probe_dir, ignore_errors=True)
+        for made in ([local_root / rel] + ([] if root_existed else [local_root])) if local_root else []:
+            with contextlib.suppress(OSError):  # only if empty: never anything else's
+                made.rmdir()
