@@ -59,6 +59,15 @@ def test_triton_wide_keys_split_blocks_varlen():
     assert_close_to_oracle(got, oracle, torch.float64)
 
 
+def test_triton_wide_values_loop_over_value_tiles():
+    """d_v = 96 > 64: every kernel's value-block loop, dq/dk/dg over 32-wide value tiles."""
+    cu_seqlens = torch.tensor([0, 40, 70], dtype=torch.int32)
+    inputs, h0 = make_inputs(1, 70, 1, 16, 96, dtype=torch.float64, n_seqs=2, seed=5)
+    oracle = run_with_grads("recurrent", inputs, h0, cu_seqlens)
+    got = run_with_grads("triton", inputs, h0, cu_seqlens)
+    assert_close_to_oracle(got, oracle, torch.float64)
+
+
 def test_triton_output_only_loss_three_chunks():
     """No final-state gradient (dht is None); T = 150 spans three chunks and a partial sub-block."""
     (q, k, v, log_g), _ = make_inputs(2, 150, 2, 16, 24, dtype=torch.float64, seed=4)

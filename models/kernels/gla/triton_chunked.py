@@ -624,6 +624,12 @@ LAUNCH = {
 """Launch options per kernel (warps, pipeline stages); benchmarks may try others."""
 
 
+def _dqkg_value_block(val_dim: int) -> int:
+    """dq/dk/dg loop over V in tiles: 32 wide beyond V = 64 keeps the kernel under 255 registers
+    (64-wide tiles spilled 128 B/thread at V = 512 with Triton 3.6, torch 2.11's; sm_90 AOT check)."""
+    return _block(val_dim) if val_dim <= 64 else 32
+
+
 def _state_value_block(val_dim: int, programs: int) -> int:
     """The state scans are sequential over chunks: split V finer when few programs would run."""
     block = _block(val_dim)
@@ -707,7 +713,7 @@ def _backward(q, k, v, g, h, ht, gc, attn, do, dht, scale, layout, n_seqs, want_
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
     _dqkg_bwd[(n_chunks, n_kblocks, heads)](
         q, k, v, gc, h, ht, do, dh, dq_intra, dk_intra, dq, dk, dg, cu, chunk_info, scale,
-        V=val_dim, BK=bk, BV=bv, **shared, **LAUNCH["dqkg"],
+        V=val_dim, BK=bk, BV=_dqkg_value_block(val_dim), **shared, **LAUNCH["dqkg"],
     )  # fmt: skip
     return dq, dk, dv, dg, dh0
 
