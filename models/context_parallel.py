@@ -57,6 +57,11 @@ class _GatherSequence(torch.autograd.Function):
         return out, None, None
 
 
+@torch.compiler.disable  # kept out of compiled graphs: torch 2.11's dynamo got its backward wrong
+def _gather_rank_major(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    return _GatherSequence.apply(x, group, size)
+
+
 class SequenceShard:
     """This rank's share of the sequence dimension of a step's rows, and the means to rebuild it.
 
@@ -83,12 +88,12 @@ class SequenceShard:
 
     def gather_ranks(self, x: torch.Tensor) -> torch.Tensor:
         """[size, *x.shape]: every rank's x, by rank; gradients flow back to their rank."""
-        return _GatherSequence.apply(x[None], self.group, self.size)
+        return _gather_rank_major(x[None], self.group, self.size)
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole sequence from every rank's local part along `dim`, in global order;
         gradients flow back to the rank that holds each token."""
-        full = _GatherSequence.apply(x.movedim(dim, 0), self.group, self.size)
+        full = _gather_rank_major(x.movedim(dim, 0), self.group, self.size)
         return full.index_select(0, self.order).movedim(0, dim)
 
     def attention_mask(self) -> torch.Tensor:

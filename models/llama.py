@@ -67,7 +67,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x, cos, sin)
         if shard is not None:  # context parallel: queries here, keys/values of the whole sequence
-            out = sharded_causal_attention(q, shard.gather(k, 2), shard.gather(v, 2), shard, self.backend)
+            keys, values = shard.gather(torch.stack([k, v]), 3).unbind(0)  # one collective for both
+            out = sharded_causal_attention(q, keys, values, shard, self.backend)
         else:
             out = causal_attention(q, k, v, position_ids, self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
