@@ -294,11 +294,17 @@ def _mirror_check(cfg) -> list[Check]:
     """checkpoint.mirror: a probe file is written, listed and deleted there."""
     import tempfile
 
-    from engine.checkpoint_mirror import mirror_writable
+    from engine.checkpoint_mirror import check_mirror_url, mirror_writable
+    from engine.config import ConfigError
 
     url = cfg.checkpoint.mirror
     if not url:
         return []
+    try:
+        check_mirror_url(url)
+    except ConfigError as err:  # the URL itself: nothing to probe, no credentials to check
+        return [Check("disk", "checkpoint mirror", FAIL, str(err).removeprefix("checkpoint.mirror: "),
+                      "set checkpoint.mirror to s3://, gs://, oci://, azure:// or a path")]  # fmt: skip
     with tempfile.TemporaryDirectory() as scratch:
         problem = mirror_writable(url, Path(scratch))
     if problem is None:

@@ -185,4 +185,6 @@ def test_doctor_checks_that_the_mirror_is_writable(s3, tiny_corpus, tmp_path):
         cfg = load_config(tiny_config(tiny_corpus, tmp_path / "run", **{"checkpoint.mirror": mirror}))
         [check] = [c for c in config_checks(cfg, 1) if c.name == "checkpoint mirror"]
         assert check.status == status, check
+        if mirror.startswith("hf://"):  # the URL is wrong: no credentials hint, no exception name
+            assert check.detail.startswith("unsupported scheme hf://") and "credentials" not in check.hint
     assert _keys(s3, "doctor/") == [] and not (tmp_path / "nfs").exists()  # the probe is gone, and the dir it made
