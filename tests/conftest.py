@@ -56,6 +56,16 @@ def tiny_config(corpus: Path, run_dir: Path, **overrides) -> dict:
     return tree
 
 
+def stepped_model_and_optimizer(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A two-Linear model and its AdamW after one step (moments filled): checkpoint round trips."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(8, 16)).square().mean().backward()
+    optimizer.step()
+    return model, optimizer
+
+
 def tiny_model(family: str = "llama", seed: int = 0, vocab_size: int = 64, max_seq_len: int = 32) -> torch.nn.Module:
     """A 2-layer dim-32 model of `family`, deterministically initialized, in eval mode."""
     from models.config import ModelConfig

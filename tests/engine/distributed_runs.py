@@ -206,6 +206,14 @@ def assert_close(got: dict[int, float], want: dict[int, float], steps, rel: floa
         assert abs(got[step] - want[step]) <= rel * abs(want[step]), (step, got[step], want[step])
 
 
+def resume_on_one_process(run_dir: Path, dest: Path, step: int, overrides: list[str]) -> dict[int, float]:
+    """Copies `run_dir` with only its step-`step` checkpoint, resumes it on one process with
+    `overrides` to the run's end, and returns the resumed run's losses."""
+    resumed = copy_run(run_dir, dest, keep_steps=[step])
+    run_ranks(1, resumed, resume=str(resumed), overrides=overrides)
+    return losses(resumed)
+
+
 def copy_run(run_dir: Path, dest: Path, keep_steps: list[int] | None = None) -> Path:
     """A copy of a run directory's config and checkpoints (only `keep_steps` if given)."""
     dest.mkdir(parents=True)

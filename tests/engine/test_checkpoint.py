@@ -26,22 +26,14 @@ from engine.dist import DistContext
 from engine.evaluate import evaluate
 from launch.cli import main
 from models.spec import get_spec
+from tests.conftest import stepped_model_and_optimizer
 
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
 
 
-def _model_and_optimizer(seed: int):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(torch.randn(8, 16)).square().mean().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_async_save_is_a_snapshot_committed_only_after_it_is_written(tmp_path):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = stepped_model_and_optimizer(0)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=2, async_save=True)
     final = checkpointer.save(1, model, optimizer, {"tokens_seen": 5})
@@ -52,7 +44,7 @@ def test_async_save_is_a_snapshot_committed_only_after_it_is_written(tmp_path):
         for p in model.parameters():
             p.add_(1.0)
     assert checkpointer.wait() == final and verify(final) is None
-    fresh, fresh_optimizer = _model_and_optimizer(1)
+    fresh, fresh_optimizer = stepped_model_and_optimizer(1)
     state = checkpointer.load(final, fresh, fresh_optimizer)
     assert state["step"] == 1 and state["tokens_seen"] == 5
     for name, tensor in fresh.state_dict().items():
@@ -62,7 +54,7 @@ def test_async_save_is_a_snapshot_committed_only_after_it_is_written(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_keep_last_prunes_old_checkpoints_and_leftover_temp_dirs(tmp_path):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = stepped_model_and_optimizer(0)
     (tmp_path / "step_00000099.tmp").mkdir(parents=True)  # a save that crashed before its commit
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=2, async_save=True)
     for step in (1, 2, 3):
@@ -74,7 +66,7 @@ def test_keep_last_prunes_old_checkpoints_and_leftover_temp_dirs(tmp_path):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_checkpoint_of_another_model_shape_stops_the_resume_instead_of_restarting_from_step_0(tmp_path):
     """A changed model config is not corruption: falling back (to step 0) would overwrite the run."""
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = stepped_model_and_optimizer(0)
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=1, async_save=False)
     saved_at = checkpointer.save(5, model, optimizer, {"step": 5})
     wider = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Linear(64, 4))
@@ -84,7 +76,7 @@ def test_a_checkpoint_of_another_model_shape_stops_the_resume_instead_of_restart
 
 
 def test_a_one_process_save_and_load_print_no_process_group_warning(tmp_path):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = stepped_model_and_optimizer(0)
     checkpointer = Checkpointer(tmp_path, CPU, keep_last=1, async_save=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

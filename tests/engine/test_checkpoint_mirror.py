@@ -20,7 +20,7 @@ from engine.checkpoint_mirror import CheckpointMirror
 from engine.config import load_config
 from engine.dist import DistContext
 from engine.preflight import config_checks
-from tests.conftest import tiny_config
+from tests.conftest import stepped_model_and_optimizer, tiny_config
 
 BUCKET = "strata-ckpt"
 STEPS, EVERY = 11, 3  # checkpoints at 3, 6, 9 (no final one): the mirror keeps 6 and 9
@@ -131,21 +131,12 @@ def test_unreachable_mirror_fails_uploads_loudly_and_training_finishes(s3, tiny_
     assert all(verify(p) is None for p in list_checkpoints(run_dir / "checkpoints"))
 
 
-def _model_and_optimizer(seed: int):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(torch.randn(8, 16)).square().mean().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_path_mirror_round_trip_and_connection_refused(tmp_path, monkeypatch, capsys):
     mirror = tmp_path / "nfs" / "mirror"
     saver = Checkpointer(tmp_path / "a", CPU, keep_last=1, mirror=str(mirror), mirror_keep_last=2)
     for step in (1, 2, 3):
-        model, optimizer = _model_and_optimizer(step)
+        model, optimizer = stepped_model_and_optimizer(step)
         saver.save(step, model, optimizer, {"tokens_seen": step})
     saver.wait()
     assert sorted(p.name for p in mirror.iterdir()) == ["step_00000002", "step_00000003"]
@@ -158,11 +149,11 @@ def test_path_mirror_round_trip_and_connection_refused(tmp_path, monkeypatch, ca
     [t.join() for t in threads]
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["step_00000003"]
 
-    fresh, fresh_optimizer = _model_and_optimizer(9)
+    fresh, fresh_optimizer = stepped_model_and_optimizer(9)
     loader = Checkpointer(tmp_path / "c", CPU, mirror=str(mirror))
     path, state = loader.load_latest(fresh, fresh_optimizer)
     assert path == tmp_path / "c" / "step_00000003" and state["tokens_seen"] == 3
-    want, _ = _model_and_optimizer(3)
+    want, _ = stepped_model_and_optimizer(3)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), want.state_dict().values(), strict=True))
 
     # connection refused: retried, counted, reported; the local checkpoint is intact
@@ -171,7 +162,7 @@ def test_path_mirror_round_trip_and_connection_refused(tmp_path, monkeypatch, ca
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(checkpoint_mirror, "RETRY_BACKOFF_S", 0.01)
     offline = Checkpointer(tmp_path / "d", CPU, mirror=f"s3://{BUCKET}/x")
-    model, optimizer = _model_and_optimizer(4)
+    model, optimizer = stepped_model_and_optimizer(4)
     offline.save(4, model, optimizer, {"tokens_seen": 4})
     offline.wait()
     assert offline.mirror.failed_uploads == 1 and "Could not connect" in offline.mirror.last_error

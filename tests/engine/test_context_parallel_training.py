@@ -9,7 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from distributed_runs import assert_close, copy_run, losses, run_ranks, run_tree, shared_run
+from distributed_runs import (
+    assert_close,
+    losses,
+    resume_on_one_process,
+    run_tree,
+    shared_run,
+)
 
 from engine.config import ConfigError, ParallelConfig, load_config
 from engine.parallel import ParallelDims, context_parallel_plan, resolve_degrees
@@ -52,9 +58,7 @@ def test_cp_with_fsdp2_or_tp_on_four_processes_follows_the_one_process_curve(nam
 
 
 def test_a_cp_checkpoint_resumes_on_one_process_without_cp(cp2, tmp_path):
-    run_dir = copy_run(cp2, tmp_path / "resumed", keep_steps=[10])
-    run_ranks(1, run_dir, resume=str(run_dir), overrides=["parallel.cp=1"])
-    got = losses(run_dir)
+    got = resume_on_one_process(cp2, tmp_path / "resumed", 10, ["parallel.cp=1"])
     assert sorted(got) == list(range(11, 21))
     assert_close(got, losses(cp2), range(11, 21))
 

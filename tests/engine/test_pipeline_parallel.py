@@ -12,7 +12,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from distributed_runs import assert_close, copy_run, losses, run_ranks, run_tree, shared_run
+from distributed_runs import (
+    assert_close,
+    copy_run,
+    losses,
+    resume_on_one_process,
+    run_ranks,
+    run_tree,
+    shared_run,
+)
 
 from engine.config import ConfigError, ParallelConfig, load_config
 from engine.parallel import ParallelDims, resolve_degrees
@@ -128,9 +136,7 @@ def test_gla_with_z_loss_splits_unevenly_and_follows_the_one_process_curve(tiny_
 
 
 def test_a_pp2_checkpoint_resumes_on_one_process(pp2, tmp_path):
-    run_dir = copy_run(pp2, tmp_path / "resumed", keep_steps=[5])
-    run_ranks(1, run_dir, resume=str(run_dir), overrides=["parallel.pp=1"])
-    got = losses(run_dir)
+    got = resume_on_one_process(pp2, tmp_path / "resumed", 5, ["parallel.pp=1"])
     assert sorted(got) == list(range(6, 11))
     assert_close(got, losses(pp2), range(6, 11))
 
