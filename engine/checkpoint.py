@@ -50,6 +50,15 @@ STATE_FILE = "trainer_state.json"
 TMP_SUFFIX = ".tmp"
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that failed on some rank, raised on every rank alike: its partial files are
+    removed and the checkpoints before it are intact."""
+
+    def __init__(self, step: int, reason: str) -> None:
+        super().__init__(f"checkpoint of step {step} failed: {reason}")
+        self.step, self.reason = step, reason
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -69,6 +78,29 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _install(step: int, tmp: Path, final: Path) -> None:
+    """Writes the completion marker into the finished `tmp`, then renames it to `final`; a
+    checkpoint already there (a step saved again) is replaced only once the new one is in place."""
+    sizes = _fsync_tree(tmp)
+    marker = tmp / (MARKER + TMP_SUFFIX)
+    marker.write_text(json.dumps({"step": step, "files": sizes}))
+    with marker.open("rb") as handle:
+        os.fsync(handle.fileno())
+    marker.replace(tmp / MARKER)
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def verify(path: Path) -> str | None:
@@ -142,7 +174,7 @@ def _warn_skip(path: Path | str, problem: str, loud: bool = True) -> None:
 def _first_line(err: BaseException) -> str:
     """A one-line description of a load failure (DCP wraps each rank's error in its message)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), "")
+    detail = next((line for line in reversed(lines) if ":" in line and not line.startswith("File ")), lines[-1] if lines else "")
     return f"{type(err).__name__}: {detail[:300]}" if detail else type(err).__name__
 
 
@@ -211,12 +243,18 @@ class Checkpointer:
     written it, the next save or `wait()` waits for it; the commit (marker + rename) only ever
     follows finished writes, so a checkpoint never looks complete early. With a `mirror` URL,
     rank 0 uploads each committed directory in the background (`wait()` waits for it too).
+
+    A save that fails on any rank (ENOSPC, a lost mount) raises `CheckpointSaveError` on every
+    rank from the call that finds it (`save`, `poll` or `wait`: for an async save, possibly the
+    next `save`, which then starts nothing), after its partial files are removed;
+    `failed_in_a_row` counts such failures since the last commit.
     """
 
     def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False,
                  mirror: str | None = None, mirror_keep_last: int | None = None):  # fmt: skip
         self.root, self.ctx, self.keep_last, self.async_save = Path(root), ctx, keep_last, async_save
         self._pending: _PendingSave | None = None
+        self.failed_in_a_row = 0
         self.mirror: CheckpointMirror | None = None
         if mirror:
             from engine.checkpoint_mirror import CheckpointMirror  # it builds on this module
@@ -242,21 +280,22 @@ class Checkpointer:
         blocking = not self.async_save if blocking is None else blocking
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
-        if self.ctx.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        barrier(self.ctx)
+        with self._failing_together(step, tmp):
+            if self.ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
         state = {"model": model_sd, "optim": optim_sd}
-        torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
-        if self.ctx.is_main:
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        with self._failing_together(step, tmp):
+            torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
+            if self.ctx.is_main:
+                (tmp / STATE_FILE).write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         if blocking:
-            with _one_process_is_the_intent():
-                dcp.save(state, checkpoint_id=str(tmp))
+            with self._failing_together(step, tmp), _one_process_is_the_intent():
+                dcp.save(state, checkpoint_id=str(tmp))  # a write error is raised on every rank
             self._commit(step, tmp, final)
         else:
-            with _one_process_is_the_intent():
+            with self._failing_together(step, tmp), _one_process_is_the_intent():
                 future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._async_group)
             self._pending = _PendingSave(step, tmp, final, getattr(future, "upload_completion", future))
         return final
@@ -277,7 +316,8 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        pending.future.result()
+        with self._failing_together(pending.step, pending.tmp):
+            pending.future.result()
         self._commit(pending.step, pending.tmp, pending.final)
         return pending.final
 
@@ -293,26 +333,43 @@ class Checkpointer:
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         barrier(self.ctx)  # every rank's shards are on disk
+        with self._failing_together(step, tmp):
+            if self.ctx.is_main:
+                if self.mirror is not None:  # its upload may read a directory this commit replaces or prunes
+                    self.mirror.wait()
+                _install(step, tmp, final)
+        self.failed_in_a_row = 0
         if self.ctx.is_main:
-            if self.mirror is not None:  # its upload may read a directory this commit replaces or prunes
-                self.mirror.wait()
-            sizes = _fsync_tree(tmp)
-            marker = tmp / (MARKER + TMP_SUFFIX)
-            marker.write_text(json.dumps({"step": step, "files": sizes}))
-            with marker.open("rb") as handle:
-                os.fsync(handle.fileno())
-            marker.replace(tmp / MARKER)
-            old = final.with_name(final.name + ".old")
-            if final.exists():  # re-saving a step: keep the old copy until the new one is in place
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-            tmp.rename(final)
-            _fsync_dir(self.root)
-            shutil.rmtree(old, ignore_errors=True)
-            self._prune()
+            try:
+                self._prune()
+            except OSError as err:  # the new checkpoint is in place: pruning can wait for the next one
+                log.warning("pruning old checkpoints in %s failed: %s", self.root, _first_line(err))
             if self.mirror is not None:
                 self.mirror.submit(step, final)
-        barrier(self.ctx)
+
+    @contextlib.contextmanager
+    def _failing_together(self, step: int, tmp: Path) -> Iterator[None]:
+        """Runs a part of a save, then agrees with every rank (one all-reduce, which is also a
+        barrier) whether it failed anywhere; if so, rank 0 removes `tmp` and every rank raises
+        `CheckpointSaveError` naming each failed rank's error."""
+        error: str | None = None
+        try:
+            yield
+        except (Exception, CheckpointException) as err:  # ENOSPC, a lost mount; DCP's error is a BaseException
+            error = _first_line(err)
+        if not all_reduce_sum(error is not None, self.ctx):
+            return
+        errors = [error]
+        if self.ctx.distributed:
+            errors = [None] * self.ctx.world_size
+            dist.all_gather_object(errors, error)
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed save took
+        self.failed_in_a_row += 1
+        reasons = sorted({e for e in errors if e})
+        ranks = [r for r, e in enumerate(errors) if e]
+        where = f" on rank(s) {', '.join(map(str, ranks))}" if self.ctx.distributed else ""
+        raise CheckpointSaveError(step, f"{'; '.join(reasons)}{where}")
 
     def _prune(self) -> None:
         """Keeps the newest `keep_last` intact checkpoints; drops leftovers of crashed saves."""

@@ -156,6 +156,8 @@ class CheckpointConfig(BaseModel):
     keep_last: int = Field(3, gt=0)
     async_save: bool = False
     save_final: bool = True
+    max_failed_saves: int = Field(3, gt=0, description="saves that may fail in a row (a full disk, say) before the run stops with "
+                                  "exit 74; a failed save is reported, its partial files removed, and training goes on")
     mirror: str | None = Field(None, description="also upload each checkpoint here (s3://bucket/prefix, gs://, oci://, azure://, or a path), "
                                "in the background; `--resume` with no local checkpoint fetches the newest intact one from here")
     mirror_keep_last: int | None = Field(None, gt=0, description="complete checkpoints kept in the mirror; None = keep_last")

@@ -29,7 +29,7 @@ def closing_line(summary: dict[str, Any], run_dir: str | Path) -> str:
     """Where a run stands and where its outputs are, from its summary.json fields (exit_code,
     step, tokens_seen, val): the trainer's last line, and the Ray launcher's."""
     code = summary.get("exit_code")
-    state = {0: "finished", 75: "stopped for a requeue", 3: "diverged"}.get(code, f"ended with exit code {code}")
+    state = {0: "finished", 75: "stopped for a requeue", 3: "diverged", 74: "stopped: checkpoints failing"}.get(code, f"ended with exit code {code}")
     val = summary.get("val") or {}
     scores = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
     scores += f" ({val['val_bpb']:.3f} bits/byte)" if "val_bpb" in val else ""

@@ -10,6 +10,8 @@ import signal
 import threading
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
+# EX_IOERR: checkpoint saves kept failing (a full disk, say); launchers do not restart it, a restart would fail too
+CHECKPOINT_FAILED_EXIT_CODE = 74
 
 
 class StopRequest:

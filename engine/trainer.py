@@ -12,6 +12,7 @@ import functools
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.manifest import write_json_atomic
-from engine.checkpoint import Checkpointer
+from engine.checkpoint import Checkpointer, CheckpointSaveError, latest_checkpoint
 from engine.config import StrataConfig, dump_config
 from engine.continual import resolve_continual, run_schedule, start_continual_run
 from engine.dist import DistContext, all_reduce_sum
@@ -42,7 +43,7 @@ from engine.parallel import (
 )
 from engine.profiling import StepProfiler
 from engine.report import closing_line, load_run, plot_runs
-from engine.signals import REQUEUE_EXIT_CODE, StopRequest
+from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
 
@@ -371,21 +372,28 @@ class Trainer:
                         sink.write(record)
                     progress.update(self.step - 1, record)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
-                    self.save()
-                self.checkpointer.poll()  # commits a finished async save
-                if self._stop_agreed():
-                    self.save(blocking=True)
+                    self._checkpoint(self.save, sink)
+                self._checkpoint(self.checkpointer.poll, sink)  # commits a finished async save
+                if self.checkpointer.failed_in_a_row >= cfg.checkpoint.max_failed_saves:
                     if ctx.is_main:
-                        print(f"stop requested ({self.stop.signal_name}): checkpointed step {self.step}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
+                        print(f"stopping at step {self.step}: {self.checkpointer.failed_in_a_row} checkpoint saves in a row failed "
+                              f"(checkpoint.max_failed_saves); exit {CHECKPOINT_FAILED_EXIT_CODE}", flush=True)  # fmt: skip
+                    exit_code = CHECKPOINT_FAILED_EXIT_CODE
+                    break
+                if self._stop_agreed():
+                    saved = self._checkpoint(lambda: self.save(blocking=True), sink)
+                    if ctx.is_main:
+                        done = f"checkpointed step {self.step}" if saved else "its checkpoint failed (a resume takes the last good one)"
+                        print(f"stop requested ({self.stop.signal_name}): {done}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)
                     exit_code = REQUEUE_EXIT_CODE
                     break
             if exit_code == 0:
                 val = self.run_eval()
                 if val and sink:
                     sink.write({"step": self.step, **val})
-                if cfg.checkpoint.save_final:
-                    self.save(blocking=True)
-                self.checkpointer.wait()  # commits a pending async save
+                saved = not cfg.checkpoint.save_final or self._checkpoint(lambda: self.save(blocking=True), sink)
+                if not (self._checkpoint(self.checkpointer.wait, sink) and saved):  # wait commits a pending async save
+                    exit_code = CHECKPOINT_FAILED_EXIT_CODE
         finally:
             if profiler:
                 profiler.close()
@@ -399,6 +407,22 @@ class Trainer:
             write_json_atomic(self.run_dir / "summary.json", result.__dict__)
             print(closing_line(result.__dict__, self.run_dir), flush=True)
         return result
+
+    def _checkpoint(self, action: Callable[[], object], sink: MetricsSink | None) -> bool:
+        """Runs a save, poll or wait of the checkpointer: False when a save failed, which is
+        reported (stdout and a `checkpoint_failed` event in metrics.jsonl), not raised."""
+        try:
+            action()
+            return True
+        except CheckpointSaveError as err:
+            if self.ctx.is_main:
+                last = latest_checkpoint(self.checkpointer.root, loud=False)
+                print(f"error: {err}; its partial files are removed and the last good checkpoint is "
+                      f"{last.name if last else 'none'}; training goes on ({self.checkpointer.failed_in_a_row} of "
+                      f"checkpoint.max_failed_saves={self.cfg.checkpoint.max_failed_saves} failed in a row)", flush=True)  # fmt: skip
+            if sink:
+                sink.event(self.step, "checkpoint_failed", saving_step=err.step, reason=err.reason)
+            return False
 
     def _wandb_options(self) -> dict | None:
         log = self.cfg.logging

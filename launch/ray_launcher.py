@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.signals import REQUEUE_EXIT_CODE
+from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE
 from engine.step_guard import DIVERGED_EXIT_CODE
 
 LOOPBACK = "127.0.0.1"
@@ -334,8 +334,8 @@ class RayLauncher:
                         codes[rank] = ray.get(ref)
                     except Exception as err:  # actor died, or run_training raised
                         return "failed", f"rank {rank}: {type(err).__name__}: {_first_line(err)}"
-                    if codes[rank] == DIVERGED_EXIT_CODE:  # a restart would diverge again on the same data
-                        return "done", DIVERGED_EXIT_CODE
+                    if codes[rank] in (DIVERGED_EXIT_CODE, CHECKPOINT_FAILED_EXIT_CODE):  # a restart would fail alike
+                        return "done", codes[rank]
                     if codes[rank] not in (0, REQUEUE_EXIT_CODE):
                         return "failed", f"rank {rank} exited with status {codes[rank]}"
             if any(code == REQUEUE_EXIT_CODE for code in codes.values()):
@@ -375,6 +375,9 @@ class RayLauncher:
                             self.say(f"the ranks checkpointed after a stop request; exit {REQUEUE_EXIT_CODE} (requeue)")
                         elif detail == DIVERGED_EXIT_CODE:
                             self.say(f"the run diverged (exit {DIVERGED_EXIT_CODE}); not restarting: see the log for the steps skipped")
+                        elif detail == CHECKPOINT_FAILED_EXIT_CODE:
+                            self.say(f"checkpoint saves kept failing (exit {CHECKPOINT_FAILED_EXIT_CODE}); not restarting: "
+                                     "see the log for why (a full disk?)")
                         else:  # rank 0's own last line can be lost when the workers are torn down
                             self._say_outcome()
                         return int(detail)
