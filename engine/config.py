@@ -17,9 +17,11 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from data_pipeline.config import DataConfig, check_metric_names
 from engine.continual import ContinualConfig
@@ -50,6 +52,24 @@ class OptimConfig(BaseModel):
     )
 
 
+class EvalTaskConfig(BaseModel):
+    """A train.eval_tasks value written as a mapping: the task file scored k-shot (engine.downstream)."""
+
+    model_config = STRICT
+
+    path: str = Field(description="JSONL task file")
+    num_fewshot: int = Field(0, ge=0, description="solved examples before each item, as lm-evaluation-harness")
+    fewshot_from: str | None = Field(
+        None, description="JSONL file of the same format the examples are drawn from; None = the task file (never the item itself)"
+    )
+    seed: int = Field(1234, description="few-shot sampling seed (lm-evaluation-harness's default 1234)")
+
+
+def as_eval_task(value: str | EvalTaskConfig) -> EvalTaskConfig:
+    """A train.eval_tasks value as a mapping: a plain path is the file scored 0-shot."""
+    return EvalTaskConfig(path=value) if isinstance(value, str) else value
+
+
 class TrainConfig(BaseModel):
     model_config = STRICT
 
@@ -62,16 +82,37 @@ class TrainConfig(BaseModel):
     run_dir: str = Field("runs/default", description="output directory of the run")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = all cores")
     deterministic: bool = Field(False, description="torch deterministic algorithms (CPU tests)")
-    eval_tasks: dict[str, str] = Field(
+    eval_tasks: dict[str, str | EvalTaskConfig] = Field(
         default_factory=dict,
-        description="multiple-choice tasks scored at every eval, NAME: JSONL file (engine.downstream), "
-        "logged as task_acc/NAME and task_acc_norm/NAME",
+        description="multiple-choice tasks scored at every eval, NAME: JSONL file (0-shot) or NAME: {path, "
+        "num_fewshot, fewshot_from, seed} (engine.downstream), logged as task_acc/NAME and task_acc_norm/NAME",
     )
 
-    @field_validator("eval_tasks")
+    @field_validator("eval_tasks", mode="wrap")
     @classmethod
-    def _eval_task_names(cls, value: dict[str, str]) -> dict[str, str]:
-        return check_metric_names(value, "task")
+    def _eval_tasks(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> dict[str, str | EvalTaskConfig]:
+        """A mapping value is validated as EvalTaskConfig on its own, so an error names
+        `train.eval_tasks.NAME.FIELD` (not the union member pydantic tried)."""
+        if isinstance(value, dict):
+            value = {name: _eval_task_value(name, spec) for name, spec in value.items()}
+        return check_metric_names(handler(value), "task")
+
+
+def _eval_task_value(name: str, spec: Any) -> str | EvalTaskConfig:
+    if isinstance(spec, (str, EvalTaskConfig)):
+        return spec
+    if not isinstance(spec, dict):
+        raise ValidationError.from_exception_data("EvalTaskConfig", [{
+            "type": PydanticCustomError("eval_task", "expected a task file path or a mapping {path, num_fewshot, fewshot_from, seed}"),
+            "loc": (name,), "input": spec,
+        }])  # fmt: skip
+    try:
+        return EvalTaskConfig.model_validate(spec)
+    except ValidationError as err:
+        raise ValidationError.from_exception_data("EvalTaskConfig", [
+            {"type": e["type"], "loc": (name, *e["loc"]), "input": e["input"], **({"ctx": e["ctx"]} if "ctx" in e else {})}
+            for e in err.errors()
+        ]) from None
 
 
 class Float8Config(BaseModel):

@@ -1,29 +1,35 @@
 """Downstream multiple-choice evaluation as lm-evaluation-harness does it: each choice scored by the
-log-probability a causal LM gives its tokens after the context, tokenized, truncated and turned into
-acc / acc_norm by lm-eval's rules (`encode_task`, `completion_length`, `score_task`).
+log-probability a causal LM gives its tokens after the context (0-shot, or k solved examples
+first: `fewshot_prompts`), tokenized, truncated and turned into acc / acc_norm by lm-eval's rules
+(`encode_task`, `completion_length`, `score_task`).
 
-Owns task files (JSONL), their tokenization and scoring on one or many ranks. Not the model,
-the metrics sinks or the command line: the trainer (train.eval_tasks) and `strata eval --task`
-call in here. Limits: the file holds the full prompt (no few-shot assembly); acc_norm takes
-lm-eval's default target delimiter " " as written at the start of a choice; a choice of no token,
-or of more tokens than the window, skips its item (counted), where lm-eval scores or cuts it.
+Owns task files (JSONL), few-shot prompts, their tokenization and scoring on one or many ranks. Not
+the model, the metrics sinks or the command line: the trainer (train.eval_tasks) and `strata eval
+--task` call in here. Limits: acc_norm takes lm-eval's default target delimiter " " as written at
+the start of a choice; a choice of no token, or of more tokens than the window, skips its item
+(counted), where lm-eval scores or cuts it; few-shot examples come from the file's usable lines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from engine.config import ConfigError
+from engine.config import ConfigError, EvalTaskConfig, as_eval_task
 
 TASK_FORMAT = '{"context": str, "choices": [str, ...], "label": int} per line ("query" / "gold" also accepted)'
+FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter: after each solved example
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,14 @@ class TaskItem:
     choices: tuple[str, ...]
     label: int
     line: int = 0  # 1-based line in the task file (0: not read from a file)
+    record: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # the JSON line as read
+
+    def same_document(self, other: TaskItem) -> bool:
+        """Whether two items are one document, as lm-eval compares docs (`x != doc`): equal JSON
+        records (every field, not only the three read), else equal context, choices and label."""
+        if self.record is not None and other.record is not None:
+            return self.record == other.record
+        return (self.context, self.choices, self.label) == (other.context, other.choices, other.label)
 
 
 @dataclass
@@ -48,6 +62,7 @@ class EncodedTask:
     choice_lengths: list[list[int]]
     labels: list[int]
     skipped: dict[str, int] = field(default_factory=dict)
+    num_fewshot: int = 0  # solved examples before each item's context
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -80,7 +95,7 @@ def _parse_item(line: str, line_number: int = 0) -> TaskItem | str:
         return "label not an integer"
     if not 0 <= label < len(choices):
         return "label out of range"
-    return TaskItem(context, tuple(choices), label, line_number)
+    return TaskItem(context, tuple(choices), label, line_number, record)
 
 
 def read_task(path: str | Path) -> tuple[list[TaskItem], dict[str, int]]:
@@ -106,6 +121,40 @@ def read_task(path: str | Path) -> tuple[list[TaskItem], dict[str, int]]:
 
 def _skipped_note(skipped: dict[str, int]) -> str:
     return f" (skipped: {', '.join(f'{reason} {n}' for reason, n in sorted(skipped.items()))})" if skipped else ""
+
+
+def fewshot_prompts(items: Sequence[TaskItem], num_fewshot: int, examples: Sequence[TaskItem] | None = None,
+                    seed: int = FEWSHOT_SEED, path: str = "task") -> list[TaskItem]:
+    """Each item with `num_fewshot` solved examples before its context, as lm-evaluation-harness
+    builds a k-shot multiple-choice prompt (ContextSampler.get_context + fewshot_context):
+    `example + "\\n\\n"` for each example, then the item's context; an example is its context and
+    its right choice, which in this format carries lm-eval's target delimiter (" Paris" =
+    target_delimiter " " + "Paris").
+
+    One `random.Random(seed)` draws for every item in order, `rng.sample(pool, k)`: from
+    `examples` (another split), or from `items` themselves (the same split: k + 1 are drawn and
+    the item is dropped, so it never shows its own answer). A drawn example that is the item's
+    document is dropped in both cases, and the first k that remain are kept (fewer only when
+    the file repeats a document). Every rank builds every prompt, so the prompts never depend on
+    the rank or the world size (they are lm-eval's on one process). `path` names the file in
+    the ValueError raised when it has too few items to draw from."""
+    if num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    if num_fewshot == 0:
+        return list(items)
+    pool = list(items if examples is None else examples)
+    draws = num_fewshot + 1 if examples is None else num_fewshot
+    if len(pool) < draws:
+        other = " other than the item scored" if examples is None else ""
+        raise ValueError(f"{path}: {len(pool)} usable items, too few to draw {num_fewshot} few-shot examples{other} "
+                         f"(needs {draws})")  # fmt: skip
+    rng = random.Random(seed)
+    prompts = []
+    for item in items:
+        shots = [example for example in rng.sample(pool, draws) if not example.same_document(item)][:num_fewshot]
+        solved = "".join(example.context + example.choices[example.label] + FEWSHOT_DELIMITER for example in shots)
+        prompts.append(dataclasses.replace(item, context=solved + item.context))
+    return prompts
 
 
 def completion_length(choice: str) -> int:
@@ -199,26 +248,38 @@ def _read_json(path: Path) -> dict:
     return record
 
 
-def load_task(path: str | Path, tokenizer_path: str | Path, max_seq_len: int) -> EncodedTask:
-    """`read_task` + `encode_task` with the tokenizer.json at `tokenizer_path` (and its prefix token)."""
+def load_task(path: str | Path, tokenizer_path: str | Path, max_seq_len: int, num_fewshot: int = 0,
+              fewshot_from: str | Path | None = None, seed: int = FEWSHOT_SEED) -> EncodedTask:
+    """`read_task` + `fewshot_prompts` + `encode_task` with the tokenizer.json at `tokenizer_path`
+    (and its prefix token). Few-shot examples come from `fewshot_from` when given (its unusable
+    lines counted in `skipped` as "fewshot_from: REASON"), else from the task file itself."""
     from tokenizers import Tokenizer
 
     items, skipped = read_task(path)
+    examples = None
+    if fewshot_from is not None:
+        examples, bad_examples = read_task(fewshot_from)
+        skipped |= {f"fewshot_from: {reason}": n for reason, n in bad_examples.items()}
+    items = fewshot_prompts(items, num_fewshot, examples, seed, str(path if examples is None else fewshot_from))
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    return encode_task(items, tokenizer, max_seq_len, str(path), skipped, find_prefix_id(tokenizer_path, tokenizer))
+    task = encode_task(items, tokenizer, max_seq_len, str(path), skipped, find_prefix_id(tokenizer_path, tokenizer))
+    task.num_fewshot = num_fewshot
+    return task
 
 
-def prepare_tasks(tasks: dict[str, str], tokenizer_path: str | Path | None, max_seq_len: int,
+def prepare_tasks(tasks: Mapping[str, str | EvalTaskConfig], tokenizer_path: str | Path | None, max_seq_len: int,
                   field_name: str = "train.eval_tasks") -> dict[str, EncodedTask]:
-    """NAME -> encoded task for NAME: PATH; a missing file, no tokenizer or an empty task is a
+    """NAME -> encoded task for NAME: PATH (0-shot) or NAME: {path, num_fewshot, fewshot_from, seed};
+    a missing file, no tokenizer, an empty task or one too small to draw its examples from is a
     ConfigError naming the field (`field_name`.NAME, or `--flag NAME` for a command-line flag)
     and the path."""
     if tasks and tokenizer_path is None:
         raise ConfigError(f"{field_name}: no tokenizer.json found (next to the data sources or the run)")
     prepared = {}
-    for name, path in tasks.items():
+    for name, value in tasks.items():
+        spec = as_eval_task(value)
         try:
-            prepared[name] = load_task(path, tokenizer_path, max_seq_len)
+            prepared[name] = load_task(spec.path, tokenizer_path, max_seq_len, spec.num_fewshot, spec.fewshot_from, spec.seed)
         except (OSError, ValueError) as err:
             where = f"{field_name} {name}" if field_name.startswith("--") else f"{field_name}.{name}"
             raise ConfigError(f"{where}: {err}") from None

@@ -234,6 +234,7 @@ def _model_params(cfg, checks: list[Check]) -> int | None:
 
 def _data_checks(cfg) -> list[Check]:
     from data_pipeline.formats import open_shardset
+    from engine.config import as_eval_task
 
     named = [(f"source {s.name or s.path}", s.path) for s in cfg.data.sources]
     if cfg.data.val_path:
@@ -263,10 +264,13 @@ def _data_checks(cfg) -> list[Check]:
                                 f"{cfg.model.vocab_size}", "raise model.vocab_size"))  # fmt: skip
         else:
             checks.append(Check("data", label, OK, detail))
-    for name, path in sorted(cfg.train.eval_tasks.items()):
-        exists = Path(path).is_file()
-        checks.append(Check("data", f"task {name}", OK if exists else FAIL, path,
-                            "" if exists else "train.eval_tasks: no such task file"))  # fmt: skip
+    for name, value in sorted(cfg.train.eval_tasks.items()):
+        spec = as_eval_task(value)
+        files = [(f"task {name}", spec.path)] + ([(f"task {name} fewshot_from", spec.fewshot_from)] if spec.fewshot_from else [])
+        for label, path in files:
+            exists = Path(path).is_file()
+            checks.append(Check("data", label, OK if exists else FAIL, path,
+                                "" if exists else "train.eval_tasks: no such task file"))  # fmt: skip
     distinct = {fp for fp in fingerprints.values() if fp}
     if len(distinct) > 1:
         checks.append(Check("data", "tokenizers", FAIL, "the ShardSets were tokenized with different tokenizers: "

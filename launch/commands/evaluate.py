@@ -1,5 +1,5 @@
-"""`strata eval CKPT... [--data NAME=DIR ...] [--task NAME=FILE.jsonl ...]`: validation loss and bits
-per byte of checkpoints, and accuracy on multiple-choice tasks.
+"""`strata eval CKPT... [--data NAME=DIR ...] [--task NAME=FILE.jsonl ... [--num-fewshot K]]`: validation
+loss and bits per byte of checkpoints, and accuracy on multiple-choice tasks (0- or k-shot).
 
 Scores Strata checkpoints (the newest intact one of a run, or with `--all-checkpoints` every
 committed one: a forgetting / learning curve) or Hugging Face directories on ShardSets packed
@@ -42,6 +42,18 @@ def add_parser(subparsers) -> None:
         help='multiple-choice task to score, acc / acc_norm (repeatable); lines {"context": str, "choices": [str, ...], '
         '"label": int}, each choice written with its leading space; default: the run config\'s train.eval_tasks',
     )
+    parser.add_argument(
+        "--num-fewshot",
+        type=non_negative_int,
+        default=None,
+        metavar="K",
+        help="solved examples before each item of every task scored, drawn as lm-evaluation-harness does from the "
+        "task file (never the item itself) or --fewshot-from; default: 0 for --task, train.eval_tasks' own otherwise",
+    )
+    parser.add_argument("--fewshot-from", default=None, metavar="FILE.jsonl",
+                        help="task file of the same format the examples are drawn from (one task scored)")
+    parser.add_argument("--fewshot-seed", type=int, default=None, metavar="N",
+                        help="few-shot sampling seed (default 1234, lm-evaluation-harness's; or train.eval_tasks' own)")
     parser.add_argument("--all-checkpoints", action="store_true", help="every committed checkpoint of each run, oldest first")
     parser.add_argument("--seq-len", type=positive_int, default=None, help="tokens per sequence (default: the run's data.seq_len)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per forward (default 16)")
@@ -65,7 +77,21 @@ def _named_sets(specs: list[str], flag: str = "--data", what: str = "DIR") -> di
     return sets
 
 
-def _run_sets(run_dir: Path) -> tuple[dict[str, str], int | None, dict[str, str]]:
+def _with_fewshot(tasks: dict, args: argparse.Namespace) -> dict:
+    """NAME -> EvalTaskConfig of `tasks` (paths or mappings) with the --num-fewshot, --fewshot-from
+    and --fewshot-seed given; ValueError for --fewshot-from with other than one task."""
+    from engine.config import as_eval_task
+
+    if args.fewshot_from is not None and len(tasks) != 1:
+        names = f" ({', '.join(tasks)})" if tasks else ""
+        raise ValueError(f"--fewshot-from: one file for {len(tasks)} tasks{names}; score one task (--task), "
+                         "or set fewshot_from per task in train.eval_tasks")  # fmt: skip
+    given = {"num_fewshot": args.num_fewshot, "fewshot_from": args.fewshot_from, "seed": args.fewshot_seed}
+    update = {key: value for key, value in given.items() if value is not None}
+    return {name: as_eval_task(value).model_copy(update=update) for name, value in tasks.items()}
+
+
+def _run_sets(run_dir: Path) -> tuple[dict[str, str], int | None, dict]:
     """The sets a run's config evaluates (val_path as 'val'), its data.seq_len and train.eval_tasks."""
     from engine.config import load_config
 
@@ -125,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         for name, data in given.items():  # a wrong path fails now, not after loading a model
             _check_shardset(f"--data {name}={data}", data)
         given_tasks = _named_sets(args.task, "--task", "FILE.jsonl")
+        if given_tasks:
+            given_tasks = _with_fewshot(given_tasks, args)
         targets = [t for source in args.checkpoints for t in _targets(source, args.all_checkpoints)]
     except (ValueError, FileNotFoundError) as err:
         print(f"eval error: {err}", file=sys.stderr)
@@ -138,11 +166,18 @@ def run(args: argparse.Namespace) -> int:
             model, model_cfg, run_dir = build_model_from_checkpoint(path, device)
             run_sets, seq_len, run_tasks = _run_sets(run_dir)
             sets, step = given or run_sets, int(path.name[5:])
-            tasks = given_tasks or run_tasks
+            tasks = given_tasks
+            if not tasks:
+                try:
+                    tasks = _with_fewshot(run_tasks, args)
+                except ValueError as err:
+                    print(f"eval error: {label}: {err}", file=sys.stderr)
+                    return 2
         if not sets and not tasks:
             print(f"eval error: {label}: nothing to score: pass --data DIR or --task NAME=FILE.jsonl", file=sys.stderr)
             return 2
-        key = (tuple(tasks.items()), str(path if is_hf else run_dir), model_cfg.max_seq_len)
+        specs = tuple((name, tuple(spec.model_dump().items())) for name, spec in tasks.items())
+        key = (specs, str(path if is_hf else run_dir), model_cfg.max_seq_len)
         if tasks and key not in encoded_tasks:  # tokenized once per run (tokenizer) and context window
             try:
                 task_tokenizer = (path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None) if is_hf \
@@ -172,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 max_batches=args.max_batches,
             )  # fmt: skip
         task_results = {
-            name: score_task(model, task, device, autocast, args.batch_size * seq_len)
+            name: score_task(model, task, device, autocast, args.batch_size * seq_len) | {"num_fewshot": task.num_fewshot}
             for name, task in encoded_tasks.get(key, {}).items()
         }
         rows.append({"checkpoint": label, "step": step, "seq_len": seq_len, "results": results, "tasks": task_results})
@@ -200,8 +235,9 @@ def _print_table(rows: list[dict]) -> None:
     table = Table(title="; ".join(titles))
     table.add_column("checkpoint", overflow="fold")
     table.add_column("step", justify="right")
+    shots = {name: r["num_fewshot"] for row in rows for name, r in row["tasks"].items() if r.get("num_fewshot")}
     for name in names + task_names:
-        table.add_column(name, justify="right")
+        table.add_column(f"{name} ({shots[name]}-shot)" if name in shots else name, justify="right")
     for row in rows:
         cells = []
         for name in names:

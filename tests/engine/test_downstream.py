@@ -1,12 +1,15 @@
 """Multiple-choice evaluation (engine.downstream): batched scores equal rows scored alone, acc and
 acc_norm as computed by hand, lm-eval's tokenization (joint context + choice, EOS for an empty
 context, character lengths), a trained continuation wins, bad lines are counted, two FSDP2 ranks
-score as one process, the trainer's record and `strata eval --task`."""
+score as one process, the trainer's record and `strata eval --task`; k-shot prompts built as
+lm-eval builds them (never the item itself, from the file or `fewshot_from`, seeded), configured
+as a path or a mapping."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,12 +20,14 @@ import yaml
 from distributed_runs import run_ranks, run_tree
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, EvalTaskConfig, load_config
 from engine.downstream import (
+    FEWSHOT_SEED,
     EncodedTask,
     choice_logprobs,
     completion_length,
     encode_task,
+    fewshot_prompts,
     forward_shapes,
     load_task,
     prepare_tasks,
@@ -354,8 +359,9 @@ def fsdp_run(tiny_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("downstream")
     task = write_task(root / "mc.jsonl", TASK_ITEMS)
     run_dir = root / "run"
+    tasks = {"mc": str(task), "mc_2shot": {"path": str(task), "num_fewshot": 2}}
     tree = run_tree(tiny_corpus, run_dir, steps=2, **{
-        "data.val_path": None, "train.eval_tasks": {"mc": str(task)}, "train.eval_every": 1, "parallel.dp_shard": 2,
+        "data.val_path": None, "train.eval_tasks": tasks, "train.eval_every": 1, "parallel.dp_shard": 2,
     })  # fmt: skip
     run_ranks(2, run_dir, tree)
     return run_dir, task
@@ -387,3 +393,126 @@ def test_strata_eval_task_flag(fsdp_run, tmp_path, capsys):
     assert f"--task x: {tmp_path / 'nope.jsonl'}: no such task file" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--task", f"x={task}", "--task", f"x={task}"]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+# -- few-shot prompts ---------------------------------------------------------------------------
+QA_ITEMS = [
+    {"context": "Q: capital of France?\nA:", "choices": [" Paris", " Rome"], "label": 0},
+    {"context": "Q: 2 + 2?\nA:", "choices": [" 3", " 4"], "label": 1},
+    {"context": "Q: color of the sky?\nA:", "choices": [" blue", " green"], "label": 0},
+    {"context": "Q: opposite of hot?\nA:", "choices": [" warm", " cold"], "label": 1},
+]
+
+
+def test_a_two_shot_prompt_is_lm_evals(tmp_path):
+    # lm-eval, fewshot_split == test_split: one random.Random(1234) draws k + 1 = 3 docs for each doc
+    # in order (indices [3, 0, 2], [0, 2, 3], [0, 3, 1], [1, 0, 2]), drops the doc itself, keeps the
+    # first 2; each example is text + " " + gold choice + "\n\n", then the doc's own text
+    items, _ = read_task(write_task(tmp_path / "qa.jsonl", QA_ITEMS))
+    prompts = fewshot_prompts(items, 2)
+    assert [p.context for p in prompts] == [
+        "Q: opposite of hot?\nA: cold\n\nQ: color of the sky?\nA: blue\n\nQ: capital of France?\nA:",
+        "Q: capital of France?\nA: Paris\n\nQ: color of the sky?\nA: blue\n\nQ: 2 + 2?\nA:",
+        "Q: capital of France?\nA: Paris\n\nQ: opposite of hot?\nA: cold\n\nQ: color of the sky?\nA:",
+        "Q: 2 + 2?\nA: 4\n\nQ: capital of France?\nA: Paris\n\nQ: opposite of hot?\nA:",
+    ]
+    assert [(p.choices, p.label, p.line) for p in prompts] == [(i.choices, i.label, i.line) for i in items]
+    assert FEWSHOT_SEED == 1234 and fewshot_prompts(items, 2, seed=1234) == prompts  # deterministic
+    assert fewshot_prompts(items, 2, seed=7) != prompts and fewshot_prompts(items, 0) == items
+
+
+def solved(record: dict) -> str:
+    return record["context"] + record["choices"][record["label"]] + "\n\n"
+
+
+def test_an_item_is_never_among_its_own_examples(tmp_path):
+    records = [{"context": f"q{i}?", "choices": [f" a{i}", f" b{i}"], "label": i % 2} for i in range(6)]
+    path = write_task(tmp_path / "six.jsonl", records)
+    items, _ = read_task(path)
+    for seed in range(5):  # k = 5 of 6: every other item, never the item
+        for record, prompt in zip(records, fewshot_prompts(items, 5, seed=seed), strict=True):
+            assert prompt.context.endswith("\n\n" + record["context"]) and solved(record) not in prompt.context
+            assert all(solved(other) in prompt.context for other in records if other is not record)
+    with pytest.raises(ValueError, match=f"{path}: 6 usable items, too few to draw 6 few-shot examples other than "
+                                         "the item scored"):  # fmt: skip
+        fewshot_prompts(items, 6, path=str(path))
+    # a line repeated is one document (lm-eval compares docs): neither copy shows its answer to the other
+    lines = records[:4] + records[:1]
+    items, _ = read_task(write_task(tmp_path / "twice.jsonl", lines))
+    counts = []
+    for seed in range(10):
+        for record, prompt in zip(lines, fewshot_prompts(items, 3, seed=seed), strict=True):
+            shown = sum(prompt.context.count(solved(r)) for r in records[:4])  # another repeated line: twice
+            assert solved(record) not in prompt.context and shown == prompt.context.count("\n\n")
+            counts.append(shown)
+    assert max(counts) == 3 and min(counts) == 2  # both copies drawn for q0: 4 drawn, 2 dropped, as lm-eval
+
+
+def test_examples_come_from_fewshot_from_when_given(tmp_path, tiny_corpus, tokenizer):
+    test = write_task(tmp_path / "test.jsonl", QA_ITEMS)
+    train_records = [{"context": f"Q: {w}?\nA:", "choices": [" yes", " no"], "label": i % 2} for i, w in enumerate("xyz")]
+    train = tmp_path / "train.jsonl"
+    train.write_text("{not json\n" + "".join(json.dumps(r) + "\n" for r in train_records))
+    items, _ = read_task(test)
+    examples, skipped = read_task(train)
+    rng = random.Random(1234)  # lm-eval, another split: k drawn, not k + 1
+    expected = ["".join(solved(train_records[e.line - 2]) for e in rng.sample(examples, 2)) + r["context"] for r in QA_ITEMS]
+    assert [p.context for p in fewshot_prompts(items, 2, examples)] == expected
+    task = load_task(test, tiny_corpus / "tokenizer.json", 64, num_fewshot=2, fewshot_from=train)
+    assert task.num_fewshot == 2 and len(task) == 4 and task.skipped == {"fewshot_from: invalid JSON": 1}
+    assert task.rows == encode_task(fewshot_prompts(items, 2, examples), tokenizer, 64).rows
+    # the whole prompt is truncated from the left, the choice kept (encode_task's rule)
+    short = load_task(test, tiny_corpus / "tokenizer.json", 8, num_fewshot=2, fewshot_from=train)
+    assert all(len(ids) == 9 for item in short.rows for ids, _ in item)
+    assert [[ids[-n:] for ids, n in item] for item in short.rows] == [[ids[-n:] for ids, n in item] for item in task.rows]
+    with pytest.raises(ValueError, match=f"{train}: 3 usable items, too few to draw 4 few-shot examples \\(needs 4\\)"):
+        load_task(test, tiny_corpus / "tokenizer.json", 64, num_fewshot=4, fewshot_from=train)
+    with pytest.raises(ConfigError, match=rf"train\.eval_tasks\.qa: {test}: 4 usable items, too few to draw 4 "):
+        prepare_tasks({"qa": EvalTaskConfig(path=str(test), num_fewshot=4)}, tiny_corpus / "tokenizer.json", 64)
+
+
+def test_eval_tasks_take_a_path_or_a_few_shot_mapping(tiny_corpus, tmp_path, capsys):
+    tasks = {"plain": "a.jsonl", "hs": {"path": "b.jsonl", "num_fewshot": 5, "fewshot_from": "c.jsonl"}}
+    cfg = load_config(tiny_config(tiny_corpus, tmp_path / "run", **{"train.eval_tasks": tasks}))
+    assert cfg.train.eval_tasks["plain"] == "a.jsonl"  # a plain path stays one (0-shot)
+    assert cfg.train.eval_tasks["hs"] == EvalTaskConfig(path="b.jsonl", num_fewshot=5, fewshot_from="c.jsonl", seed=1234)
+    assert load_config(cfg.model_dump()).train.eval_tasks == cfg.train.eval_tasks  # the run's config.yaml reads back
+    for value, error in [
+        ({"path": "b.jsonl", "num_fewshot": -1}, r"hs\.num_fewshot: Input should be greater than or equal to 0"),
+        ({"path": "b.jsonl", "shots": 5}, r"hs\.shots: unknown key"),
+        ({"num_fewshot": 5}, r"hs\.path: Field required"),
+        (5, r"hs: expected a task file path or a mapping \{path, num_fewshot, fewshot_from, seed\}"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^train\.eval_tasks\.{error}$"):
+            load_config(tiny_config(tiny_corpus, tmp_path / "run", **{"train.eval_tasks": {"hs": value}}))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_corpus, tmp_path / "run", **{"train.eval_tasks": tasks})))
+    assert main(["train", str(config), "--set", "train.eval_tasks.hs.num_fewshot=-2"]) == 2
+    assert "config error: train.eval_tasks.hs.num_fewshot: Input should be greater than" in capsys.readouterr().err
+    assert main(["doctor", str(config), "--json"]) == 1  # preflight names both missing files
+    checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"] if c["area"] == "data"}
+    assert checks["task hs"]["detail"] == "b.jsonl" and checks["task hs fewshot_from"]["detail"] == "c.jsonl"
+    assert checks["task hs fewshot_from"]["status"] == "failure"
+
+
+def test_two_fsdp_ranks_score_the_few_shot_prompts_one_process_builds(fsdp_run, tmp_path, capsys):
+    run_dir, task = fsdp_run  # train.eval_tasks.mc_2shot: {path: mc.jsonl, num_fewshot: 2}
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl").records if "task_acc/mc_2shot" in r][-1]
+    assert main(["eval", str(run_dir), "--json"]) == 0  # the run's config, one process
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["tasks"]["mc"]["num_fewshot"] == 0 and row["tasks"]["mc_2shot"]["num_fewshot"] == 2
+    assert row["tasks"]["mc_2shot"]["acc"] == last["task_acc/mc_2shot"]
+    assert row["tasks"]["mc_2shot"]["acc_norm"] == last["task_acc_norm/mc_2shot"]
+    # the same prompts from the command line (seed 1234 by default), batched differently
+    assert main(["eval", str(run_dir), "--task", f"again={task}", "--num-fewshot", "2", "--batch-size", "1", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["tasks"]["again"]["num_fewshot"] == 2 and row["tasks"]["again"]["items"] == len(TASK_ITEMS)
+    assert (row["tasks"]["again"]["acc"], row["tasks"]["again"]["acc_norm"]) == (last["task_acc/mc_2shot"],
+                                                                                 last["task_acc_norm/mc_2shot"])  # fmt: skip
+    other = write_task(tmp_path / "other.jsonl", QA_ITEMS)
+    assert main(["eval", str(run_dir), "--task", f"again={task}", "--num-fewshot", "3", "--fewshot-from", str(other)]) == 0
+    assert "again (3-shot)" in capsys.readouterr().out
+    assert main(["eval", str(run_dir), "--task", f"again={task}", "--num-fewshot", "5", "--fewshot-from", str(other)]) == 2
+    assert f"--task again: {other}: 4 usable items, too few to draw 5 few-shot examples" in capsys.readouterr().err
+    assert main(["eval", str(run_dir), "--num-fewshot", "1", "--fewshot-from", str(other)]) == 2  # the run's 2 tasks
+    assert "--fewshot-from: one file for 2 tasks" in capsys.readouterr().err
