@@ -1,16 +1,20 @@
 """`strata`: the console entry point; discovers subcommands in launch/commands/.
 
-Maps config errors to exit code 2 with a one-line message naming the field.
+Maps config errors to exit code 2 with a one-line message naming the field, and a full disk
+(ENOSPC, EDQUOT) met by any command to exit code 1 with a line saying how to go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
 
 from engine.errors import ConfigError  # not engine.config: building the parser stays torch-free
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 DESCRIPTION = """Strata: a distributed pretraining engine for Llama-style and GLA language models.
 
@@ -59,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"strata {args.command}: error: {err.strerror}{where}. What was written before it is kept: free space, "
+              "then run the same command again (prepare and convert resume after their last committed shard; "
+              "a training run resumes from its last checkpoint with --resume)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

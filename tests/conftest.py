@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # meet Triton's compiled standard library.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def small_disk_supported() -> bool:
+    """Whether `on_small_disk` works here (unprivileged user + mount namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                           capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+def on_small_disk(mount_point: Path, size: str, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs the shell `script` (cwd: the repository) with a `size` tmpfs (e.g. "3m") mounted on
+    `mount_point` (created if missing), in a private user + mount namespace: no root needed, and the disk is gone when
+    the script ends (copy out what is to be looked at). The script's $1 is the mount point, then `args`;
+    `mount -o remount,size=N "$1"` frees space."""
+    Path(mount_point).mkdir(parents=True, exist_ok=True)
+    wrapped = 'mount -t tmpfs -o size="$0" tmpfs "$1" || exit 90\n' + script
+    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", wrapped, size, str(mount_point), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 @pytest.fixture(scope="session")

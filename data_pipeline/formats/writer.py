@@ -163,9 +163,13 @@ class ShardSetWriter:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         lengths = np.array([len(d) for d in self._buffer], dtype=np.int64)
-        entry = self.format.write_shard(
-            staging, shard_index, self.num_docs_committed, self._buffer, self.dtype, self.compression
-        )
+        try:
+            entry = self.format.write_shard(
+                staging, shard_index, self.num_docs_committed, self._buffer, self.dtype, self.compression
+            )
+        except OSError:  # a full disk, say: give the half-written shard's space back
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         for name in entry["files"]:
             (staging / name).replace(self.out_dir / name)
         write_npy_atomic(self.state_dir / f"lengths-{shard_index:05}.npy", lengths)

@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prepare_testing import corpus_texts, make_tokenizer, output_files, write_jsonl
 
 from data_pipeline.formats.writer import STATE_DIR, STATE_FILE
 from data_pipeline.prepare import PrepareOptions, prepare
+from tests.conftest import on_small_disk, small_disk_supported
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -190,3 +192,28 @@ def test_ctrl_c_is_the_parents_alone_and_says_how_to_resume(tmp_path, monkeypatc
     out = tmp_path / "out"
     assert strata(["prepare", str(tmp_path / "in.jsonl"), "--out", str(out), "--tokenizer", str(tokenizer)]) == 130
     assert f"prepare: interrupted; the shards committed to {out} are kept" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not small_disk_supported(), reason="needs unprivileged user + mount namespaces (unshare) for a small tmpfs")
+def test_a_full_disk_is_a_clear_error_and_the_rerun_after_freeing_space_resumes(tmp_path):
+    """`strata prepare` onto a 64 KiB tmpfs fills it: exit 1 with a line saying what to do, the
+    half-written shard's staging files removed, the committed shards kept; with more space the
+    same command finishes with the uninterrupted run's bytes."""
+    tokenizer = make_tokenizer(tmp_path / "tokenizer.json")
+    inputs = write_jsonl(tmp_path / "a.jsonl", corpus_texts(1200, seed=2))
+    reference = tmp_path / "reference"
+    prepare([inputs], reference, PrepareOptions(tokenizer=str(tokenizer), shard_size="6kb", workers=1, progress=False))
+    assert sum(len(data) for data in output_files(reference).values()) > 2 * 64 * 1024  # more than the disk holds
+
+    command = '"$2" -m launch.cli prepare "$3" --out "$1/out" --tokenizer "$4" --shard-size 6kb --workers 1 --quiet'
+    script = (f'{command}; echo "first exit $?"\n'
+              'ls -a "$1/out/.strata_state"; cp -a "$1/out" "$5/partial"\n'
+              f'mount -o remount,size=8m "$1" && {command}; echo "second exit $?"\n'
+              'cp -a "$1/out" "$5/out"\n')  # fmt: skip
+    done = on_small_disk(tmp_path / "disk", "64k", script, sys.executable, str(inputs), str(tokenizer), str(tmp_path))
+    out = done.stdout + done.stderr
+    assert "first exit 1" in out and "second exit 0" in out, out
+    assert "strata prepare: error: No space left on device" in out and "run the same command again" in out, out
+    assert "staging" not in out.split("first exit 1")[1].split("second exit")[0], out  # the .strata_state listing
+    assert 1 <= committed_shards(tmp_path / "partial") < committed_shards(reference)
+    assert output_files(tmp_path / "out") == output_files(reference)

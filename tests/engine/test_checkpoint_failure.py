@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import subprocess
 import sys
 from concurrent.futures import Future
@@ -23,7 +22,7 @@ from engine.checkpoint import Checkpointer, CheckpointSaveError, latest_checkpoi
 from engine.dist import DistContext
 from engine.report import read_metrics
 from engine.signals import CHECKPOINT_FAILED_EXIT_CODE
-from tests.conftest import stepped_model_and_optimizer
+from tests.conftest import on_small_disk, small_disk_supported, stepped_model_and_optimizer
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = DistContext(0, 1, 0, torch.device("cpu"))
@@ -87,31 +86,18 @@ def test_a_failed_rename_while_saving_a_step_again_keeps_the_old_copy(tmp_path, 
     assert json.loads((tmp_path / "step_00000005" / "COMPLETE").read_text()) == before
 
 
-def _can_mount_tmpfs() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-                           capture_output=True)  # fmt: skip
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user+mount namespaces (unshare) for a small tmpfs")
+@pytest.mark.skipif(not small_disk_supported(), reason="needs unprivileged user + mount namespaces (unshare) for a small tmpfs")
 def test_a_full_disk_under_two_ranks_is_reported_and_the_run_stops_cleanly_and_resumes(tiny_corpus, tmp_path):
     """A 3 MiB tmpfs holds the run directory: the step-2 checkpoint (~2.1 MB, two ranks) fits,
     the next ones do not. Saves at 4 and 6 fail with ENOSPC on the ranks, are reported, and the
     run stops at step 6 with exit 74 (max_failed_saves 2); the copy of the run directory taken
     before the tmpfs goes away resumes from step 2 and finishes."""
     disk, kept = tmp_path / "disk", tmp_path / "kept"
-    disk.mkdir()
     config = tmp_path / "config.yaml"
     overrides = {"checkpoint.every": 2, "checkpoint.keep_last": 1, "checkpoint.max_failed_saves": 2, "train.eval_batches": 2}
     config.write_text(yaml.safe_dump(run_tree(tiny_corpus, disk / "run", steps=12, **overrides)))
-    script = ('mount -t tmpfs -o size=3m tmpfs "$1" || exit 90\n'
-              '"$2" -m launch.cli train "$3" --nproc 2; code=$?\n'
-              'cp -a "$1/run" "$4"; exit $code\n')  # fmt: skip
-    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh",
-                           str(disk), sys.executable, str(config), str(kept)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    script = '"$2" -m launch.cli train "$3" --nproc 2; code=$?\ncp -a "$1/run" "$4"; exit $code\n'
+    done = on_small_disk(disk, "3m", script, sys.executable, str(config), str(kept))
     out = done.stdout + done.stderr
     assert done.returncode == CHECKPOINT_FAILED_EXIT_CODE, out
     assert "error: checkpoint of step 4 failed:" in out and "No space left on device" in out, out
