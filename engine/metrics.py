@@ -68,6 +68,7 @@ class MetricsSink:
     def __init__(self, run_dir: Path, tensorboard: bool = True, wandb: dict | None = None):
         """`wandb`: {"project", "entity", "mode", "config"} (logging.wandb_*, the resolved config)."""
         self.path = run_dir / "metrics.jsonl"
+        self.failed_writes = 0
         torn = _ends_mid_line(self.path)
         self.file = self.path.open("a")
         if torn:  # a crash cut the last record: keep the next one on a line of its own
@@ -79,9 +80,20 @@ class MetricsSink:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
         self.wandb = _start_wandb(run_dir, **wandb) if wandb else None
 
+    def _append(self, record: dict) -> None:
+        """One line of metrics.jsonl. A failed write (a full disk) never stops training: it is
+        counted, said once, and the line may be lost or torn (readers skip torn lines)."""
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            self.failed_writes += 1
+            if self.failed_writes == 1:
+                print(f"warning: writing {self.path} failed ({err.strerror}); training goes on, records that cannot be "
+                      "written are lost (counted at the end)", file=sys.stderr, flush=True)  # fmt: skip
+
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._append(record)
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
         if self.tb is not None:
             for key, value in scalars.items():
@@ -91,11 +103,16 @@ class MetricsSink:
 
     def event(self, step: int, kind: str, **fields) -> None:
         """A non-metric record (`{"step", "event": kind, ...}`), e.g. where a run resumed; JSONL only."""
-        self.file.write(json.dumps({"step": step, "event": kind, **fields}) + "\n")
-        self.file.flush()
+        self._append({"step": step, "event": kind, **fields})
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            self.failed_writes += 1
+        if self.failed_writes:
+            print(f"warning: {self.failed_writes} write(s) to {self.path} failed; its last records may be missing",
+                  file=sys.stderr, flush=True)  # fmt: skip
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -8,11 +8,13 @@ runs at different topologies follow the same curve.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import random
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,15 @@ from engine.report import closing_line, load_run, plot_runs
 from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
 from models.spec import get_spec
+
+
+@contextlib.contextmanager
+def _reported_if_failing(what: str) -> Iterator[None]:
+    """A run's closing outputs are not worth a crash at its end: a write that fails (a full disk) is said."""
+    try:
+        yield
+    except OSError as err:
+        print(f"warning: could not write {what} ({err.strerror or err})", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -400,11 +411,13 @@ class Trainer:
             self.loader.close()
             if sink:
                 sink.close()
-                plot_runs([load_run(self.run_dir)], self.run_dir / "report.png")  # `strata report` draws the same
+                with _reported_if_failing("report.png"):  # `strata report` draws the same
+                    plot_runs([load_run(self.run_dir)], self.run_dir / "report.png")
         elapsed = time.perf_counter() - run_start
         result = TrainResult(exit_code, self.step, self.tokens_seen, loss, val, run_tokens / max(elapsed, 1e-9))
         if ctx.is_main:
-            write_json_atomic(self.run_dir / "summary.json", result.__dict__)
+            with _reported_if_failing("summary.json"):
+                write_json_atomic(self.run_dir / "summary.json", result.__dict__)
             print(closing_line(result.__dict__, self.run_dir), flush=True)
         return result
 

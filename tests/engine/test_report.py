@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -307,3 +308,21 @@ def test_a_model_section_that_does_not_build_is_named_not_fatal():
     assert facts["params"] is None and facts["problem"] == "model: n_heads (4) must divide dim (7)"
     facts = model_facts({"family": "rwkv"})
     assert facts["params"] is None and facts["problem"].startswith("model.family")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_metrics_write_onto_a_full_disk_is_said_once_and_counted_never_fatal(tmp_path, capsys):
+    from engine.metrics import MetricsSink
+
+    sink = MetricsSink(tmp_path, tensorboard=False)
+    sink.write({"step": 1, "loss": 5.0})
+    good, sink.file = sink.file, open("/dev/full", "a")  # every write: ENOSPC
+    good.close()
+    for step in (2, 3):
+        sink.write({"step": step, "loss": 4.0})
+    sink.event(3, "checkpoint_failed", saving_step=3, reason="disk full")
+    sink.close()
+    err = capsys.readouterr().err
+    assert err.count("No space left on device") == 1 and "training goes on" in err
+    assert f"{sink.failed_writes} write(s) to {tmp_path / 'metrics.jsonl'} failed" in err and sink.failed_writes >= 3
+    assert [r["step"] for r in read_metrics(tmp_path).records] == [1]
