@@ -431,8 +431,8 @@ class Trainer:
             if self.ctx.is_main:
                 last = latest_checkpoint(self.checkpointer.root, loud=False)
                 print(f"error: {err}; its partial files are removed and the last good checkpoint is "
-                      f"{last.name if last else 'none'}; training goes on ({self.checkpointer.failed_in_a_row} of "
-                      f"checkpoint.max_failed_saves={self.cfg.checkpoint.max_failed_saves} failed in a row)", flush=True)  # fmt: skip
+                      f"{last.name if last else 'none'} ({self.checkpointer.failed_in_a_row} failed in a row; the run "
+                      f"stops at checkpoint.max_failed_saves={self.cfg.checkpoint.max_failed_saves})", flush=True)  # fmt: skip
             if sink:
                 sink.event(self.step, "checkpoint_failed", saving_step=err.step, reason=err.reason)
             return False
