@@ -267,6 +267,9 @@ class DecompositionLoader(PrefetchingLoader):
         ]
         return batches, plan, step + 1
 
+    def _advance(self, step: int) -> int:
+        return step + 1
+
     def _handed_out(self, drawn: StepPlan) -> None:
         self.last_plan = drawn
 

@@ -109,6 +109,9 @@ class TrainLoader(PrefetchingLoader):
         ]
         return batches, mine, next_state
 
+    def _advance(self, state: SamplerState) -> SamplerState:
+        return self.sampler.plan(state)[1]
+
     def _handed_out(self, drawn: list[SampleId]) -> None:
         self.last_sample_ids = drawn
 

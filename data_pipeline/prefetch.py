@@ -71,8 +71,9 @@ class PrefetchingLoader:
     """Base of the training loaders: `next_step()` hands out the step at `self._position`.
 
     A subclass sets `self.prefetch` (steps ahead; 0 = prepare in the caller's thread) and
-    `self._position`, defines `_prepare(position) -> Prepared` (a pure function of the position)
-    and `_handed_out(drawn)`, and calls `self._stop_prefetch()` before it moves the position.
+    `self._position`, defines `_prepare(position) -> Prepared` (a pure function of the position),
+    `_advance(position)` (the next position, reading nothing) and `_handed_out(drawn)`, and calls
+    `self._stop_prefetch()` before it moves the position.
     """
 
     prefetch: int
@@ -82,8 +83,18 @@ class PrefetchingLoader:
     def _prepare(self, position: Any) -> Prepared:
         raise NotImplementedError
 
+    def _advance(self, position: Any) -> Any:
+        raise NotImplementedError
+
     def _handed_out(self, drawn: Any) -> None:
         """Called with what the step just handed out drew (for metrics and tests)."""
+
+    def skip(self, steps: int) -> None:
+        """Moves the position `steps` optimizer steps on without reading their data: those global
+        batches are never handed out (after a loss spike: resume before it and skip past the data)."""
+        self._stop_prefetch()
+        for _ in range(steps):
+            self._position = self._advance(self._position)
 
     def next_step(self) -> list[Batch]:
         """This rank's micro-batches for the next optimizer step (advances the position by one)."""

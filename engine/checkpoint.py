@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from engine.config import ConfigError
 from engine.dist import DistContext, all_reduce_sum, barrier
+from engine.errors import CheckpointSaveError
 
 if TYPE_CHECKING:
     from engine.checkpoint_mirror import CheckpointMirror
@@ -48,15 +49,6 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TMP_SUFFIX = ".tmp"
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that failed on some rank, raised on every rank alike: its partial files are
-    removed and the checkpoints before it are intact."""
-
-    def __init__(self, step: int, reason: str) -> None:
-        super().__init__(f"checkpoint of step {step} failed: {reason}")
-        self.step, self.reason = step, reason
 
 
 def step_dir_name(step: int) -> str:

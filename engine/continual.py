@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # engine.config imports this module (the `continual` field)
 
 STRICT = ConfigDict(extra="forbid", validate_assignment=True)
 SUMMARY_FILE = "continual.json"
-_POLICY_FIELDS = ("optimizer", "schedule", "data", "step")
+_POLICY_FIELDS = ("optimizer", "schedule", "data", "step", "skip_data_steps")
 _RESOLVED_FIELDS = ("start_step", "current_lr", "source_schedule")
 
 
@@ -63,6 +63,12 @@ class ContinualConfig(BaseModel):
         "continue",
         description="continue: the step counter goes on from the source's step (train.steps is the "
         "global end step); reset: count from 0",
+    )
+    skip_data_steps: int = Field(
+        0,
+        ge=0,
+        description="global batches the data position moves on before the first step, never trained on "
+        "(after a loss spike: start from a checkpoint before it and skip past the data, as PaLM did)",
     )
     start_step: int | None = Field(None, ge=0, description="resolved: the step this run starts at")
     current_lr: float | None = Field(
@@ -437,6 +443,10 @@ def start_continual_run(trainer: Trainer, notes: list[str] | None = None) -> Con
         except (ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"continual.data: 'continue' cannot take the source's data position: {err}") from None
     notes = list(notes or [])
+    if policy.skip_data_steps:
+        trainer.loader.skip(policy.skip_data_steps)
+        skipped_tokens = policy.skip_data_steps * cfg.data.global_batch_size * cfg.data.seq_len
+        notes.append(f"data: {policy.skip_data_steps} global batches (~{skipped_tokens:,} tokens) skipped, never trained on")
     if policy.schedule == "continue":
         old = trainer.schedule
         notes.append("this config's schedule section is not used (schedule: continue)")

@@ -1,7 +1,8 @@
 """`strata`: the console entry point; discovers subcommands in launch/commands/.
 
-Maps config errors to exit code 2 with a one-line message naming the field, and a full disk
-(ENOSPC, EDQUOT) met by any command to exit code 1 with a line saying how to go on.
+Maps config errors to exit code 2 with a one-line message naming the field, a checkpoint save
+that failed outside the training loop's own handling to 74, and a full disk (ENOSPC, EDQUOT) met
+by any command to exit code 1 with a line saying how to go on.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ import importlib
 import pkgutil
 import sys
 
-from engine.errors import ConfigError  # not engine.config: building the parser stays torch-free
+from engine.errors import (  # not engine.config: building the parser stays torch-free
+    CheckpointSaveError,
+    ConfigError,
+)
+from engine.signals import CHECKPOINT_FAILED_EXIT_CODE
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -63,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except CheckpointSaveError as err:  # where no trainer loop reports it (a continual run's first save, say)
+        print(f"strata {args.command}: error: {err}; the checkpoints before it are intact", file=sys.stderr)
+        return CHECKPOINT_FAILED_EXIT_CODE
     except OSError as err:
         if err.errno not in DISK_FULL:
             raise

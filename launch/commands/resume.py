@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError
-from launch.arguments import add_set_argument
+from launch.arguments import add_set_argument, non_negative_int
 
 if TYPE_CHECKING:
     from engine.config import StrataConfig
@@ -30,7 +30,9 @@ EPILOG = """policy defaults (a flag beats NEW.yaml's `continual:` section, which
   data       continue when the sources are the source run's, else new
 --anneal STEPS: optimizer keep, data continue, step continue, schedule = exp/linear anneal from the
   current LR to the infinite schedule's lr_min over STEPS, in <run>-anneal-<step> (source untouched).
---from-hf DIR: weights only (optimizer reset, schedule restart, data new, step reset); needs --config."""
+--from-hf DIR: weights only (optimizer reset, schedule restart, data new, step reset); needs --config.
+After a loss spike: `strata resume RUN/checkpoints/step_N --skip-data 200` (N before the spike)
+  goes on with everything continued but the next 200 global batches, never trained on."""
 
 
 def add_parser(subparsers) -> None:
@@ -58,6 +60,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", choices=("continue", "new"),
                    help="continue the source's sampler position (sources matched by name), or a fresh sampler")
     p.add_argument("--step", choices=("continue", "reset"), help="step counter: go on from the source's, or 0")
+    p.add_argument("--skip-data", type=non_negative_int, metavar="STEPS",
+                   help="move the data position STEPS global batches on first; they are never trained on "
+                   "(after a loss spike: SOURCE = a checkpoint before it)")
     p.add_argument("--anneal", type=int, metavar="STEPS", help="fork an anneal branch of STEPS steps")
     p.add_argument("--anneal-to", type=float, metavar="LR", help="anneal target LR (default: the infinite schedule's lr_min)")
     p.add_argument("--anneal-shape", choices=("exp", "linear"), help="anneal shape (default: the infinite schedule's)")
@@ -118,11 +123,11 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
         notes.append(f"model: the source run's, with this config's {', '.join(sorted(given)) or 'nothing'}")
     tree = apply_overrides(tree, list(args.overrides))
     from_yaml = dict(tree.pop("continual", None) or {})
-    stray = sorted(set(from_yaml) - {"optimizer", "schedule", "data", "step"})
+    stray = sorted(set(from_yaml) - {"optimizer", "schedule", "data", "step", "skip_data_steps"})
     if stray:
         raise ConfigError(
             f"continual.{stray[0]}: a config given to `strata resume` sets only the policy "
-            "(optimizer, schedule, data, step); the source is the SOURCE argument"
+            "(optimizer, schedule, data, step, skip_data_steps); the source is the SOURCE argument"
         )
     defaults = {
         "optimizer": "keep",
@@ -185,7 +190,8 @@ def build_resume_config(args: argparse.Namespace) -> tuple[StrataConfig, list[st
     if run_dir.resolve() == source.run_dir.resolve():
         raise ConfigError(f"train.run_dir: {run_dir} is the source run; a continual run needs its own (--run-dir)")
     tree = apply_overrides(tree, [f"train.run_dir={run_dir}", f"train.steps={start + length}"])
-    tree["continual"] = {"source": str(source.path), **policy}
+    skip = args.skip_data if args.skip_data is not None else from_yaml.get("skip_data_steps", 0)
+    tree["continual"] = {"source": str(source.path), **policy, "skip_data_steps": skip}
     return resolve_continual(load_config(tree)), notes
 
 
@@ -206,7 +212,7 @@ def _from_hf_config(args: argparse.Namespace, flags: dict[str, Any]) -> StrataCo
     tree = apply_overrides(tree, overrides)
     policy = {"optimizer": "reset", "schedule": "restart", "data": "new", "step": "reset"}
     policy.update({k: v for k, v in flags.items() if v})
-    tree["continual"] = {"from_hf": str(Path(args.from_hf).resolve()), **policy}
+    tree["continual"] = {"from_hf": str(Path(args.from_hf).resolve()), **policy, "skip_data_steps": args.skip_data or 0}
     return resolve_continual(load_config(tree))
 
 

@@ -391,3 +391,24 @@ def test_continual_run_can_switch_to_a_decomposition_curriculum(tiny_corpus, sou
     assert [r["step"] for r in records if "seq_len" in r] == [7, 8, 9, 10]
     with pytest.raises(ConfigError, match="continual.data: .*decomposition"):
         continual_trainer(tiny_corpus, source, tmp_path / "cont", {"data": "continue"}, **overrides)
+
+
+def test_skip_data_moves_the_position_on_without_training_on_the_skipped_batches(tiny_corpus, source, tmp_path):
+    """`continual.skip_data_steps` (strata resume --skip-data): the first step draws what the
+    source would have drawn 3 steps later; the step counter and the schedule are not moved."""
+    trainer = continual_trainer(tiny_corpus, source, tmp_path / "s", {"data": "continue", "skip_data_steps": 3,
+                                                                      "schedule": "continue"})  # fmt: skip
+    assert trainer.step == 6 and trainer.loader.state_dict()["step"] == 9
+    got = trainer.loader.next_step()
+    trainer.loader.close()
+    reference = Trainer(load_config(source_tree(tiny_corpus, tmp_path / "ref")), init_distributed("cpu"))
+    reference.loader.load_state_dict(source.loader)
+    for _ in range(3):
+        reference.loader.next_step()
+    expected = reference.loader.next_step()
+    reference.loader.close()
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+    summary = json.loads((tmp_path / "s" / "continual.json").read_text())
+    assert summary["data"]["sampler_step"] == 9
+    assert any("3 global batches (~768 tokens) skipped, never trained on" in note for note in summary["notes"])

@@ -180,3 +180,13 @@ def test_steps_flag_is_what_the_schedule_is_checked_against(tiny_corpus, source,
     assert main(argv) == 0
     assert load_config(tmp_path / "long" / "config.yaml").train.steps == 36
     assert main([*argv[:-3], "--steps", "10", "--no-train", "--run-dir", str(tmp_path / "short")]) == 2
+
+
+def test_skip_data_flag_pins_the_policy_and_continues_everything_else(tiny_corpus, tmp_path, capsys):
+    source_copy = run_source(tiny_corpus, tmp_path / "src")
+    assert main(["resume", str(source_copy.step_dir), "--steps", "2", "--skip-data", "5", "--no-train"]) == 0
+    out = capsys.readouterr().out
+    assert "note: data: 5 global batches (~1,280 tokens) skipped, never trained on" in out
+    policy = load_config(tmp_path / "src-resume-6" / "config.yaml").continual
+    assert (policy.optimizer, policy.schedule, policy.data, policy.step, policy.skip_data_steps) == (
+        "keep", "continue", "continue", "continue", 5)
