@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
     run_dir: str = Field("runs/default", description="output directory of the run")
     num_threads: int = Field(0, ge=0, description="torch intra-op threads on CPU; 0 = all cores")
     deterministic: bool = Field(False, description="torch deterministic algorithms (CPU tests)")
+    hang_timeout_s: float = Field(
+        0, ge=0, description="a rank with no step, eval or checkpoint finishing for this long dumps its stacks to "
+        "RUN_DIR/hangs/ and exits 124 (Ray restarts the run); longer than the slowest step, eval or save; 0 = off",
+    )
     eval_tasks: dict[str, str | EvalTaskConfig] = Field(
         default_factory=dict,
         description="multiple-choice tasks scored at every eval, NAME: JSONL file (0-shot) or NAME: {path, "

@@ -12,6 +12,7 @@ import threading
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL
 # EX_IOERR: checkpoint saves kept failing (a full disk, say); launchers do not restart it, a restart would fail too
 CHECKPOINT_FAILED_EXIT_CODE = 74
+HANG_EXIT_CODE = 124  # as `timeout`: the hang watchdog ended a rank that made no progress (engine.watchdog)
 
 
 class StopRequest:

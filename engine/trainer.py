@@ -47,6 +47,7 @@ from engine.profiling import StepProfiler
 from engine.report import closing_line, load_run, plot_runs
 from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE, StopRequest
 from engine.step_guard import DIVERGED_EXIT_CODE, StepGuard, TrainingDiverged
+from engine.watchdog import HangWatchdog
 from models.spec import get_spec
 
 
@@ -316,6 +317,7 @@ class Trainer:
         sink = MetricsSink(self.run_dir, cfg.logging.tensorboard, self._wandb_options()) if ctx.is_main else None
         progress = ProgressLine(cfg.train.steps, self.step, cfg.logging.progress and ctx.is_main)
         profiler = StepProfiler.from_config(cfg, self.run_dir, ctx.rank, ctx.device)
+        watchdog = HangWatchdog(cfg.train.hang_timeout_s, self.run_dir, ctx.rank)
         if sink and self.resumed_from:
             sink.event(self.step, "resume", **self.resumed_from)
         window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
@@ -323,6 +325,7 @@ class Trainer:
         run_start, run_tokens = time.perf_counter(), 0
         try:
             while self.step < cfg.train.steps:
+                watchdog.progress(f"step {self.step + 1}")
                 if profiler:
                     profiler.before(self.step)
                 t0 = time.perf_counter()
@@ -375,6 +378,7 @@ class Trainer:
                         record["peak_mem_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
                     window_tokens, window_time, window_data, window_loss, window_steps, window_flops = 0, 0.0, 0.0, 0.0, 0, 0.0
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                    watchdog.progress(f"the eval at step {self.step}")
                     val = self.run_eval()
                     if val:
                         record = {**(record or {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": 0.0}), **val}
@@ -383,6 +387,7 @@ class Trainer:
                         sink.write(record)
                     progress.update(self.step - 1, record)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < cfg.train.steps:
+                    watchdog.progress(f"the checkpoint of step {self.step}")
                     self._checkpoint(self.save, sink)
                 self._checkpoint(self.checkpointer.poll, sink)  # commits a finished async save
                 if self.checkpointer.failed_in_a_row >= cfg.checkpoint.max_failed_saves:
@@ -399,6 +404,7 @@ class Trainer:
                     exit_code = REQUEUE_EXIT_CODE
                     break
             if exit_code == 0:
+                watchdog.progress("the final eval and checkpoint")
                 val = self.run_eval()
                 if val and sink:
                     sink.write({"step": self.step, **val})
@@ -406,6 +412,7 @@ class Trainer:
                 if not (self._checkpoint(self.checkpointer.wait, sink) and saved):  # wait commits a pending async save
                     exit_code = CHECKPOINT_FAILED_EXIT_CODE
         finally:
+            watchdog.close()
             if profiler:
                 profiler.close()
             self.loader.close()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, REQUEUE_EXIT_CODE
+from engine.signals import CHECKPOINT_FAILED_EXIT_CODE, HANG_EXIT_CODE, REQUEUE_EXIT_CODE
 from engine.step_guard import DIVERGED_EXIT_CODE
 
 LOOPBACK = "127.0.0.1"
@@ -337,7 +337,8 @@ class RayLauncher:
                     if codes[rank] in (DIVERGED_EXIT_CODE, CHECKPOINT_FAILED_EXIT_CODE):  # a restart would fail alike
                         return "done", codes[rank]
                     if codes[rank] not in (0, REQUEUE_EXIT_CODE):
-                        return "failed", f"rank {rank} exited with status {codes[rank]}"
+                        hang = " (hang watchdog: stacks in RUN_DIR/hangs/)" if codes[rank] == HANG_EXIT_CODE else ""
+                        return "failed", f"rank {rank} exited with status {codes[rank]}{hang}"
             if any(code == REQUEUE_EXIT_CODE for code in codes.values()):
                 return "done", REQUEUE_EXIT_CODE
             return "done", 0
