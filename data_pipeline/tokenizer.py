@@ -19,10 +19,19 @@ DEFAULT_EOS = "<|endoftext|>"
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a HF `tokenizer.json`; a missing or malformed file is a clear error."""
+    """Load a HF `tokenizer.json`, or the one in a directory (a Hugging Face model directory);
+    a missing or malformed file is a clear error."""
+    given = path
     path = Path(path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{given}: a directory without tokenizer.json (a sentencepiece tokenizer.model "
+                                    "alone is not read: convert it with transformers' AutoTokenizer.save_pretrained)")  # fmt: skip
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
+        hub = len(Path(given).parts) == 2 and not str(given).startswith((".", "/"))  # e.g. meta-llama/Llama-3.2-1B
+        hint = f"; for a Hub model, download it first (`huggingface-cli download {given}`) and give its directory" if hub else ""
+        raise FileNotFoundError(f"tokenizer file not found: {path}{hint}")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on bad JSON

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
                    help="build the built-in corpus instead of reading INPUTs: OUT/train, OUT/val, OUT/tokenizer.json")
     p.add_argument("--format", default="mds", choices=["mds", "wds", "megatron"],
                    help="shard format (default mds: mosaicml-streaming)")
-    p.add_argument("--tokenizer", metavar="PATH", help="HF tokenizers tokenizer.json to encode with")
+    p.add_argument("--tokenizer", metavar="PATH", help="HF tokenizers tokenizer.json to encode with, or a Hugging Face model directory holding one")
     p.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
                    help="train a byte-level BPE with this vocab size on the inputs (builtin default 8192)")
     p.add_argument("--eos-token", help="EOS token string (default: the first of <|endoftext|>, </s>, <eos>, ... in the vocab)")

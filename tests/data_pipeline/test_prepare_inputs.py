@@ -237,3 +237,19 @@ def test_wrong_prepare_flags_exit_2_naming_the_flag(flags, message, tmp_path, to
         code = exit_info.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_model_directory_gives_its_tokenizer_json_and_a_wrong_one_says_what_to_do(tmp_path, tokenizer_path, capsys):
+    write_jsonl(tmp_path / "in.jsonl", corpus_texts(10))
+    model_dir = tmp_path / "Llama-like"
+    model_dir.mkdir()
+    (model_dir / "tokenizer.json").write_bytes(tokenizer_path.read_bytes())
+    from_dir = prepare([tmp_path / "in.jsonl"], tmp_path / "a", options(model_dir))
+    from_file = prepare([tmp_path / "in.jsonl"], tmp_path / "b", options(tokenizer_path))
+    assert from_dir["tokenizer"] == from_file["tokenizer"] and from_dir["counts"] == from_file["counts"]
+
+    (model_dir / "tokenizer.json").unlink()
+    assert strata(["prepare", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "c"), "--tokenizer", str(model_dir)]) == 2
+    assert "a directory without tokenizer.json" in capsys.readouterr().err
+    assert strata(["prepare", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "d"), "--tokenizer", "some-org/some-model"]) == 2
+    assert "huggingface-cli download some-org/some-model" in capsys.readouterr().err
