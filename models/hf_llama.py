@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
 from models.hf_naming import HFNaming
 
 # Strata name (after "layers.{i}.") -> HF name (after "model.layers.{i}.")
@@ -81,7 +81,7 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": cfg.rope_scaling.to_hf() if cfg.rope_scaling is not None else None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
@@ -100,7 +100,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
 def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     """ModelConfig of the Strata Llama equivalent to an HF config.json dict.
 
-    Rejects, naming the HF field, what Strata's Llama cannot represent (RoPE scaling, biases,
+    Rejects, naming the HF field, what Strata's Llama cannot represent (RoPE scalings other than
+    linear / llama3 / yarn, biases,
     another activation, a head_dim other than hidden_size / heads, sliding windows).
     `overrides` set further ModelConfig fields (e.g. attn_backend).
     """
@@ -118,10 +119,7 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     ):
         if field not in hf:
             raise ValueError(f"{field}: missing from the HF config")
-    if hf.get("rope_scaling"):
-        raise ValueError(
-            f"rope_scaling: {hf['rope_scaling']!r} is not supported (Strata's RoPE is unscaled)"
-        )
+    rope_scaling = RopeScaling.from_hf(hf.get("rope_scaling"))  # a ValueError for kinds not computed
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ValueError(f"{flag}: biases are not supported by Strata's Llama")
@@ -146,6 +144,7 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         "norm_eps": hf.get("rms_norm_eps", 1e-6),
         "max_seq_len": hf.get("max_position_embeddings", 2048),
         "rope_theta": hf.get("rope_theta", 10000.0),
+        "rope_scaling": rope_scaling,
         "qk_norm": model_type == "qwen3",
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "init_std": hf.get("initializer_range", 0.02),

@@ -15,18 +15,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import causal_attention, sharded_causal_attention
-from models.config import ModelConfig
+from models.config import ModelConfig, RopeScaling
+from models.rope import inverse_frequencies
 from models.spec import ModelSpec, register
 
 if TYPE_CHECKING:
     from models.context_parallel import SequenceShard
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+def rope_tables(head_dim: int, max_len: int, theta: float, device=None,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [max_len, head_dim] of every position (models.rope: plain or scaled RoPE)."""
+    inv_freq, attention_factor = inverse_frequencies(head_dim, theta, scaling, max_len, device)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (HF LlamaForCausalLM)
-    return angles.cos(), angles.sin()
+    if attention_factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device="meta")
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, "meta", cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -116,7 +121,8 @@ class Llama(nn.Module):
     def init_weights(self) -> None:
         """Deterministic init (given the torch seed): N(0, std), output projections scaled by depth."""
         std = self.cfg.init_std
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device,
+                               self.cfg.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         nn.init.normal_(self.tok_embeddings.weight, std=std)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 # ModelConfig fields fixed by the HF checkpoint (the rest, e.g. attn_backend, z_loss, max_seq_len, stay the config's).
 ARCHITECTURE_FIELDS = (
     "family", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden",
-    "norm_eps", "rope_theta", "qk_norm", "tie_embeddings", "gla_gate_rank", "gla_gate_tau",
+    "norm_eps", "rope_theta", "rope_scaling", "qk_norm", "tie_embeddings", "gla_gate_rank", "gla_gate_tau",
 )  # fmt: skip
 
 
@@ -64,18 +64,21 @@ def merge_hf_architecture(tree: dict[str, Any], hf_dir: str | Path) -> dict[str,
     except (FileNotFoundError, ValueError) as err:  # the message already names HF_DIR or its config.json
         raise ConfigError(str(err)) from None
     user_model = dict(tree.get("model") or {})
+    architecture = hf_model.model_dump(include=set(ARCHITECTURE_FIELDS))  # plain values, as YAML holds them
     for field in ARCHITECTURE_FIELDS:
         if field not in user_model:
             continue
-        ours, theirs = user_model[field], getattr(hf_model, field)
+        ours, theirs = user_model[field], architecture[field]
         if field == "n_kv_heads" and ours is None:
             ours = user_model.get("n_heads", hf_model.n_heads)
+        if field == "rope_scaling" and ours is not None:  # compared with its defaults filled in
+            ours = type(hf_model).model_validate({"rope_scaling": ours}).model_dump()["rope_scaling"]
         if ours != theirs:
             raise ConfigError(
                 f"model.{field}: {ours!r} differs from the HF checkpoint's {theirs!r} "
                 "(omit it: import-hf takes the architecture from config.json)"
             )
-    user_model.update({f: getattr(hf_model, f) for f in ARCHITECTURE_FIELDS})
+    user_model.update(architecture)
     user_model.setdefault("max_seq_len", hf_model.max_seq_len)
     return {**tree, "model": user_model}
 

@@ -156,7 +156,8 @@ def test_load_hf_into_model_rejects_mismatched_shapes(tmp_path):
 @pytest.mark.parametrize(
     "change, field",
     [
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),  # no original context length
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "gpt2"}, "model_type"),
