@@ -134,6 +134,32 @@ def _optimizer_options(path: Path) -> StateDictOptions:
     return StateDictOptions() if grouped else FLAT_OPTIMIZER
 
 
+def tied_copies(model: torch.nn.Module) -> dict[str, str]:
+    """Name of each copy of a tied weight the model holds -> the name checkpoints keep it under
+    (a pipeline's last stage holds the embedding as its output projection: engine.pipeline)."""
+    return model.tied_copy_names() if hasattr(model, "tied_copy_names") else {}
+
+
+def _copy_source(key: str, copies: dict[str, str]) -> str | None:
+    """For a model or flattened optimizer state dict key of a tied copy, the key it is saved
+    under (`state.output_embeddings.weight.exp_avg` -> `state.tok_embeddings.weight.exp_avg`);
+    None for every other key."""
+    for copy, source in copies.items():
+        for prefix in ("", "state.", "param_groups."):
+            if key == prefix + copy or key.startswith(prefix + copy + "."):
+                return prefix + source + key[len(prefix + copy) :]
+    return None
+
+
+def _load_into(state: dict[str, dict], path: Path, copies: dict[str, str]) -> dict[str, dict]:
+    """DCP-loads `state` ({"model": ..., "optim": ...}) in place; tied copies read their
+    source's keys (renamed for the load and back: DCP replaces non-tensor values in the dict)."""
+    request = {part: {_copy_source(k, copies) or k: v for k, v in sd.items()} for part, sd in state.items()}
+    with _one_process_is_the_intent():
+        dcp.load(request, checkpoint_id=str(path))
+    return {part: dict(zip(state[part], request[part].values(), strict=True)) for part in state}
+
+
 # what a load error says when the checkpoint is intact but holds another model (a config change)
 MISMATCH_MARKERS = ("Size mismatch", "size mismatch", "Missing key", "Unexpected key")
 
@@ -277,7 +303,9 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
-        state = {"model": model_sd, "optim": optim_sd}
+        copies = tied_copies(model)  # saved once, under their source's names
+        state = {part: {k: v for k, v in sd.items() if _copy_source(k, copies) is None}
+                 for part, sd in (("model", model_sd), ("optim", optim_sd))}  # fmt: skip
         with self._failing_together(step, tmp):
             torch.save(rng_state(), tmp / f"rng_rank{self.ctx.rank}.pt")
             if self.ctx.is_main:
@@ -374,16 +402,12 @@ class Checkpointer:
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Restores model (+ optimizer) resharded to this run's mesh; returns the trainer state."""
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
-            with _one_process_is_the_intent():
-                dcp.load(state, checkpoint_id=str(path))
+            state = _load_into({"model": get_model_state_dict(model)}, path, tied_copies(model))
             set_model_state_dict(model, state["model"])
         else:
             options = _optimizer_options(path)
             model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-            state = {"model": model_sd, "optim": optim_sd}
-            with _one_process_is_the_intent():
-                dcp.load(state, checkpoint_id=str(path))
+            state = _load_into({"model": model_sd, "optim": optim_sd}, path, tied_copies(model))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                            options=options)  # fmt: skip
         rng_file = path / f"rng_rank{self.ctx.rank}.pt"

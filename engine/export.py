@@ -317,6 +317,9 @@ def load_hf_into_model(model: nn.Module, hf_dir: str | Path) -> ModelConfig:
             raise ValueError(
                 f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, the model expects {expected[name]}"
             )
+    from engine.checkpoint import tied_copies
+
+    state_dict |= {copy: state_dict[source] for copy, source in tied_copies(model).items()}  # a pipeline's last stage
     state_dict = {name: tensor.to(own[name].dtype) for name, tensor in state_dict.items() if name in own}
     set_model_state_dict(
         model, state_dict, options=StateDictOptions(full_state_dict=True, strict=True)

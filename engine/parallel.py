@@ -268,18 +268,22 @@ def loss_context(logits: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def total_grad_norm(parameters: Iterable[torch.Tensor], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def total_grad_norm(parameters: Iterable[torch.Tensor], pp_group: dist.ProcessGroup | None = None,
+                    counted_elsewhere: Iterable[torch.Tensor] = ()) -> torch.Tensor:  # fmt: skip
     """Global L2 norm of the gradients, plain tensors and DTensors on any meshes together.
 
     DTensors are grouped by (mesh, placements) so each group is one foreach norm and one
     collective; the result is a plain 0-d tensor, the same on every rank. `pp_group`: the
     ranks holding the other pipeline stages' parameters, whose squared norms are added in.
+    `counted_elsewhere`: parameters left out (a pipeline stage's copy of a tied weight, which
+    another stage counts).
     """
     from torch.distributed.tensor import DTensor
 
+    skipped = {id(p) for p in counted_elsewhere}
     groups: dict = defaultdict(list)
     for p in parameters:
-        if p.grad is None:
+        if p.grad is None or id(p) in skipped:
             continue
         g = p.grad
         key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else (None, g.device)
@@ -298,12 +302,14 @@ def total_grad_norm(parameters: Iterable[torch.Tensor], pp_group: dist.ProcessGr
 
 
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None
+    parameters: Iterable[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None,
+    counted_elsewhere: Iterable[torch.Tensor] = (),
 ) -> torch.Tensor:
-    """Scales gradients so their global norm (over every pipeline stage with `pp_group`) is at
-    most `max_norm`; returns the norm before."""
+    """Scales gradients so their global norm (over every pipeline stage with `pp_group`; see
+    total_grad_norm for `counted_elsewhere`, scaled all the same) is at most `max_norm`;
+    returns the norm before."""
     parameters = [p for p in parameters if p.grad is not None]
-    total = total_grad_norm(parameters, pp_group)
+    total = total_grad_norm(parameters, pp_group, counted_elsewhere)
     by_mesh: dict = defaultdict(list)
     for p in parameters:
         by_mesh[getattr(p.grad, "device_mesh", None)].append(p)

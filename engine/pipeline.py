@@ -21,9 +21,16 @@ schedule keyword argument split with the rows), so shards match micro-batches wh
 parallel.pp_microbatches. Eval (val sets and train.eval_tasks) runs stage to stage; ranks
 before the last stage score nothing. Continual runs check the source against the whole model
 (PipelineParts.whole_model_shapes) and load each stage's share.
-Not supported (ConfigError naming the fields): model.tie_embeddings (the embedding would live on
-the first and the last stage; their gradients would need summing across them) and
-data.decomposition (the schedule's shapes are fixed at the first step).
+Tied embeddings (model.tie_embeddings): the first stage owns `tok_embeddings.weight`, the last
+stage holds a copy as its output projection (`output_embeddings` here; the looped layout puts
+the two stages on pp ranks 0 and pp - 1, never on one rank). After each step's backward the two
+copies' gradients are summed over a 2-rank group (pp rank 0 and pp - 1 of the same dp/cp/tp
+coordinates; under FSDP2/TP both are sharded alike, so the local shards are summed); both then
+take identical AdamW updates and stay bitwise equal. The grad norm counts the weight once (the
+copy is left out of it), and checkpoints keep only `tok_embeddings.weight` and its optimizer
+state, as at pp = 1: loading fills the copy from it (PipelineParts.tied_copy_names).
+Not supported (ConfigError naming the field): data.decomposition (the schedule's shapes are
+fixed at the first step).
 """
 
 from __future__ import annotations
@@ -93,15 +100,9 @@ def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
     """Raises ConfigError naming the fields when this config cannot run pipelined; else a
     one-line description of the split (strata doctor prints it)."""
     model, par = cfg.model, cfg.parallel
-    unsupported = [
-        (model.tie_embeddings, "model.tie_embeddings: tied input and output embeddings cannot be split over "
-         "pipeline stages (parallel.pp > 1); set model.tie_embeddings: false"),
-        (cfg.data.decomposition is not None, "parallel.pp: data.decomposition changes the row length every "
-         "step; the pipeline schedule's shapes are fixed"),
-    ]  # fmt: skip
-    for failed, message in unsupported:
-        if failed:
-            raise ConfigError(message)
+    if cfg.data.decomposition is not None:
+        raise ConfigError("parallel.pp: data.decomposition changes the row length every step; the pipeline "
+                          "schedule's shapes are fixed")  # fmt: skip
     n_stages = dims.pp * stages_per_rank(cfg)
     if model.n_layers < n_stages:
         raise ConfigError(f"model.n_layers ({model.n_layers}) is less than the pipeline stages "
@@ -116,18 +117,27 @@ def check_pipeline(cfg: StrataConfig, dims: ParallelDims) -> str:
 class PipelineParts(nn.Module):
     """This rank's share of the model under the original names (`tok_embeddings` on the first
     stage's rank, `layers.{i}` of its stages, `norm`/`output` on the last stage's rank): what the
-    optimizer, checkpoints and grad norm see. Calling it runs the whole pipeline forward-only
-    (eval): logits on the ranks of the last stage, None on the others."""
+    optimizer, checkpoints and grad norm see. With tied embeddings the last stage's output
+    projection is `output_embeddings`, a copy of `tok_embeddings` (no weight decay either: its
+    name says embeddings). Calling it runs the whole pipeline forward-only (eval): logits on the
+    ranks of the last stage, None on the others."""
 
     def __init__(self, pipeline: Pipeline, stages: dict[int, nn.Module]):
         super().__init__()
         self.cfg = pipeline.cfg.model
         self.tok_embeddings = stages[0].tok_embeddings if 0 in stages else None
         self.layers = nn.ModuleDict({k: v for s in sorted(stages) for k, v in stages[s].layers.items()})
-        last = pipeline.n_stages - 1
-        self.norm = stages[last].norm if last in stages else None
-        self.output = stages[last].output if last in stages else None
+        last = stages.get(pipeline.n_stages - 1)
+        self.norm = last.norm if last is not None else None
+        head = last.output if last is not None else None
+        tied = self.cfg.tie_embeddings
+        self.output, self.output_embeddings = (None, head) if tied else (head, None)
         self._pipeline = pipeline  # a plain attribute: not a submodule, so the names stay as they are
+
+    def tied_copy_names(self) -> dict[str, str]:
+        """Name of each copy of a tied weight on this rank -> the name checkpoints keep it under
+        (its optimizer state too): the last stage's output projection reads `tok_embeddings.weight`."""
+        return {"output_embeddings.weight": "tok_embeddings.weight"} if self.output_embeddings is not None else {}
 
     def whole_model_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> global shape of every tensor of the whole (unsplit) model's state dict: what
@@ -176,6 +186,10 @@ class Pipeline:
             if shard_for is not None:
                 module.register_forward_pre_hook(self._sequence_shard, with_kwargs=True)
         self.parts = PipelineParts(self, self.modules)
+        # tied embeddings: this rank's copy (first or last stage; None in between) and its 2-rank group
+        holder = self.parts.tok_embeddings if self.has_first else self.parts.output_embeddings
+        self.tied_weight = holder.weight if holder is not None and cfg.model.tie_embeddings else None
+        self.tie_group = self._tie_group(mesh) if cfg.model.tie_embeddings else None
         self.stages = [PipelineStage(module, s, self.n_stages, ctx.device, group=self.group)
                        for s, module in self.modules.items()]  # fmt: skip
         self.schedule = self._build_schedule()
@@ -200,6 +214,10 @@ class Pipeline:
             last = s == self.n_stages - 1
             stage.norm = whole.norm if last else None
             stage.output = whole.output if last else None
+            if last and cfg.model.tie_embeddings:  # the output projection: a copy of the embedding
+                with torch.device("meta"):
+                    stage.output = nn.Linear(cfg.model.dim, cfg.model.vocab_size, bias=False)
+                stage.output.weight = nn.Parameter(whole.tok_embeddings.weight.detach().clone())
             for name in list(stage._buffers):  # e.g. Llama's RoPE tables
                 stage._buffers[name] = whole._buffers[name]
             left = [name for name, t in (*stage.named_parameters(), *stage.named_buffers()) if t.is_meta]
@@ -221,6 +239,32 @@ class Pipeline:
             return ScheduleInterleaved1F1B(self.stages, self.n_microbatches, loss_fn=self._loss, scale_grads=False)
         cls = Schedule1F1B if name == "1f1b" else ScheduleGPipe
         return cls(self.stages[0], self.n_microbatches, loss_fn=self._loss, scale_grads=False)
+
+    def _tie_group(self, mesh) -> dist.ProcessGroup | None:
+        """Every rank creates the 2-rank groups of pp rank 0 and pp rank pp - 1 at each dp/cp/tp
+        coordinate (mesh columns); returns this rank's, None on the ranks in between."""
+        ranks = mesh.mesh.reshape(self.pp, -1)
+        pairs = torch.stack([ranks[0], ranks[-1]], dim=1).tolist()
+        group, _ = dist.new_subgroups_by_enumeration(pairs)
+        return group if self.tied_weight is not None else None
+
+    def _sum_tied_grads(self) -> None:
+        """Both copies of the tied embedding get the sum of their gradients (the input side's
+        and the output projection's), as one weight used twice gets at pp = 1. FSDP2/TP shard
+        both alike: summing the local shards sums the whole."""
+        if self.tied_weight is None:
+            return
+        weight = self.tied_weight
+        if weight.grad is None:  # no tokens reached it: it still takes part in the sum
+            weight.grad = torch.zeros_like(weight)
+        grad = weight.grad
+        dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=self.tie_group)
+
+    @property
+    def counted_elsewhere(self) -> list[nn.Parameter]:
+        """Parameters the grad norm leaves out: the last stage's copy of a tied embedding (the
+        first stage counts it)."""
+        return [self.parts.output_embeddings.weight] if self.parts.output_embeddings is not None else []
 
     @property
     def has_first(self) -> bool:
@@ -271,6 +315,7 @@ class Pipeline:
                 self.schedule.step(*args, target=labels if self.has_last else None, **kwargs)
             finally:
                 self._in_schedule = False
+        self._sum_tied_grads()
         # the schedule calls the loss once per micro-batch; at the first step torch may call it
         # before them on placeholder outputs (shape inference): those come first and are dropped
         real = self._nll[len(self._nll) - self.n_microbatches :] if self.has_last else []

@@ -254,10 +254,11 @@ class Trainer:
                 loss, nll = token_loss(logits, labels, z_coef)
                 (loss * scale).backward()
             loss_sum += (nll.full_tensor() if hasattr(nll, "full_tensor") else nll).item()
+        counted_elsewhere = self.pipeline.counted_elsewhere if self.pipeline is not None else []  # a tied copy
         if self.cfg.optim.grad_clip > 0:
-            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group)
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip, self.pp_group, counted_elsewhere)
         else:
-            grad_norm = total_grad_norm(self.model.parameters(), self.pp_group)
+            grad_norm = total_grad_norm(self.model.parameters(), self.pp_group, counted_elsewhere)
         grad_norm = float(grad_norm)
         loss = all_reduce_sum(loss_sum, self.ctx) / self.dims.tp / max(global_tokens, 1)
         verdict = self.guard.check(self.step + 1, loss, grad_norm)  # global values: every rank agrees

@@ -5,10 +5,15 @@ eval through the pipeline scores the same tokens and the same train.eval_tasks a
 3-layer GLA with z-loss splits unevenly (2 + 1 layers) and follows its curve; a pp=2
 checkpoint resumes on one process and continues the curve (the optimizer state is saved per
 parameter; older grouped checkpoints still load), and a pp=2 continual run continues its pp=2
-source; settings that cannot run pipelined stop at once naming the fields."""
+source; settings that cannot run pipelined stop at once naming the fields.
+Tied embeddings (the default): the first stage's embedding and the last stage's copy as output
+projection follow the one-process curve and weights under 1F1B and interleaved 1F1B x FSDP2,
+stay bitwise equal, are saved once (a pp=2 checkpoint resumes on one process, a one-process
+checkpoint continues at pp=2, the optimizer state of the copy included)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -17,6 +22,7 @@ from distributed_runs import (
     copy_run,
     losses,
     resume_on_one_process,
+    run_in_ranks,
     run_ranks,
     run_tree,
     shared_run,
@@ -29,6 +35,7 @@ from engine.report import read_metrics
 
 STEPS = range(1, 11)
 LLAMA = {"model.tie_embeddings": False, "model.n_layers": 4}
+TIED = {"model.tie_embeddings": True, "model.n_layers": 4}
 GLA = {"model.family": "gla", "model.tie_embeddings": False, "model.n_layers": 3, "model.z_loss": 1e-2}
 
 
@@ -141,17 +148,123 @@ def test_a_pp2_checkpoint_resumes_on_one_process(pp2, tmp_path):
     assert_close(got, losses(pp2), range(6, 11))
 
 
-def test_a_continual_run_at_pp2_continues_its_pp2_source(pp2, tiny_corpus, tmp_path):
-    """Each stage loads its share of the source checkpoint (the names are checked against the
-    whole model); keeping everything continues the source's curve."""
-    source = copy_run(pp2, tmp_path / "source", keep_steps=[5])
+def continued_at_pp2(source_run, corpus, tmp_path, model: dict) -> dict[int, float]:
+    """Losses (steps 6-10) of a pp=2 continual run from `source_run`'s step-5 checkpoint, keeping
+    its optimizer, schedule and data position."""
+    source = copy_run(source_run, tmp_path / "source", keep_steps=[5])
     run_dir = tmp_path / "continued"
-    tree = run_tree(tiny_corpus, run_dir, steps=10, **LLAMA, **{"parallel.pp": 2})
+    tree = run_tree(corpus, run_dir, steps=10, **model, **{"parallel.pp": 2})
     tree["continual"] = {"source": str(source), "optimizer": "keep", "schedule": "continue", "data": "continue"}
     run_ranks(2, run_dir, tree)
     got = losses(run_dir)
     assert sorted(got) == list(range(6, 11))
-    assert_close(got, losses(pp2), range(6, 11))
+    return got
+
+
+def test_a_continual_run_at_pp2_continues_its_pp2_source(pp2, tiny_corpus, tmp_path):
+    """Each stage loads its share of the source checkpoint (the names are checked against the
+    whole model); keeping everything continues the source's curve."""
+    assert_close(continued_at_pp2(pp2, tiny_corpus, tmp_path, LLAMA), losses(pp2), range(6, 11))
+
+
+# -- tied embeddings ---------------------------------------------------------------------------
+def digest(tensor) -> str:
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return hashlib.sha256(full.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _tied_rank(rank: int, tree: dict, train: bool = True) -> dict:
+    """One rank of a pipelined run with tied embeddings: trains it (or only builds it), then
+    hashes this rank's copy of the embedding (the first stage's weight or the last stage's
+    output projection; every rank has one at pp = 2)."""
+    from engine.dist import init_distributed
+    from engine.trainer import Trainer
+
+    trainer = Trainer(load_config(tree), init_distributed("cpu"))
+    exit_code = trainer.fit().exit_code if train else 0
+    trainer.loader.close()
+    return {"exit_code": exit_code, "tied_weight": digest(trainer.pipeline.tied_weight)}
+
+
+def tied_pipeline_run(name: str, tmp_path_factory, corpus, nproc: int, train: bool = True, **overrides):
+    """(run dir, each rank's result of _tied_rank) of a tied pipelined run of 10 steps."""
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    tree = run_tree(corpus, run_dir, **TIED, **overrides)
+    ranks = run_in_ranks(_tied_rank, nproc, run_dir.parent, tree, train, timeout=300)
+    assert [r["exit_code"] for r in ranks] == [0] * nproc
+    return run_dir, ranks
+
+
+@pytest.fixture(scope="module")
+def single_tied(tiny_corpus, tmp_path_factory, tasks):
+    return shared_run("single_tied_4_layers", tmp_path_factory, tiny_corpus, 1, steps=10,
+                      **TIED, **tasks, **{"checkpoint.every": 5})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pp2_tied(tiny_corpus, tmp_path_factory, tasks):
+    return tied_pipeline_run("pp2_tied", tmp_path_factory, tiny_corpus, 2, **tasks, **{"parallel.pp": 2, "checkpoint.every": 5})
+
+
+def checkpoint_weights(run_dir) -> dict:
+    from engine.export import load_checkpoint_weights
+
+    return load_checkpoint_weights(run_dir)[0]
+
+
+def assert_same_weights(run_dir, single) -> None:
+    """The final checkpoints hold the same names (the tied copy saved once) and weights (1e-4)."""
+    got, want = checkpoint_weights(run_dir), checkpoint_weights(single)
+    assert sorted(got) == sorted(want) and "output.weight" not in got
+    for name, tensor in want.items():
+        assert (got[name] - tensor).abs().max() <= 1e-4 * tensor.abs().max(), name
+
+
+def test_pp2_1f1b_with_tied_embeddings_follows_the_one_process_curve(pp2_tied, single_tied):
+    run, ranks = pp2_tied
+    assert_close(losses(run), losses(single_tied), STEPS)
+    # clipping on (norms > optim.grad_clip): the tied weight's gradient (both uses summed) counted once
+    assert min(grad_norms(single_tied).values()) > 1.0
+    assert_close(grad_norms(run), grad_norms(single_tied), STEPS)
+    assert_same_weights(run, single_tied)
+    assert ranks[0]["tied_weight"] == ranks[1]["tied_weight"]  # the embedding and its copy: bitwise equal
+    assert val(run)["val_tokens"] == val(single_tied)["val_tokens"]
+    assert abs(val(run)["val_loss"] - val(single_tied)["val_loss"]) <= 1e-4 * val(single_tied)["val_loss"]
+    assert_same_task_scores(run, single_tied)
+
+
+def test_interleaved_1f1b_x_fsdp2_with_tied_embeddings_follows_the_one_process_curve(single_tied, tiny_corpus, tmp_path_factory):
+    # 4 stages of 1 layer, 2 per rank (pp rank 0: stages 0 and 2, pp rank 1: 1 and 3); FSDP2 over
+    # 2 ranks per stage: the embedding's and its copy's shards are summed shard by shard
+    run, ranks = tied_pipeline_run("pp2_interleaved_fsdp2_tied", tmp_path_factory, tiny_corpus, 4, **{
+        "parallel.pp": 2, "parallel.pp_schedule": "interleaved_1f1b", "data.micro_batch_size": 2})  # fmt: skip
+    assert_close(losses(run), losses(single_tied), STEPS)
+    assert_close(grad_norms(run), grad_norms(single_tied), STEPS, rel=1e-3)  # FSDP2 sums in another order
+    assert_same_weights(run, single_tied)
+    assert len({r["tied_weight"] for r in ranks}) == 1
+
+
+def test_a_tied_pp2_checkpoint_resumes_on_one_process(pp2_tied, tmp_path):
+    run, _ = pp2_tied
+    got = resume_on_one_process(run, tmp_path / "resumed", 5, ["parallel.pp=1"])
+    assert sorted(got) == list(range(6, 11))
+    assert_close(got, losses(run), range(6, 11))
+
+
+def test_a_tied_one_process_checkpoint_continues_at_pp2(single_tied, tiny_corpus, tmp_path):
+    """The last stage's copy and its AdamW moments load from `tok_embeddings.weight`: keeping
+    the optimizer continues the one-process curve."""
+    assert_close(continued_at_pp2(single_tied, tiny_corpus, tmp_path, TIED), losses(single_tied), range(6, 11))
+
+
+def test_a_tied_pp2_continual_run_from_hf_fills_both_copies(single_tied, tiny_corpus, tmp_path_factory):
+    from engine.export import export_hf
+
+    hf_dir = export_hf(single_tied, tmp_path_factory.mktemp("hf") / "hf")
+    _, ranks = tied_pipeline_run("pp2_tied_from_hf", tmp_path_factory, tiny_corpus, 2, train=False,
+                                 **{"parallel.pp": 2, "continual": {"from_hf": str(hf_dir)}})  # fmt: skip
+    want = digest(checkpoint_weights(single_tied)["tok_embeddings.weight"])
+    assert [r["tied_weight"] for r in ranks] == [want, want]
 
 
 def test_degrees_stage_split_and_rank_layout_with_pp():
@@ -174,7 +287,7 @@ def _config(tiny_corpus, tmp_path, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "dims", "message"),
     [
-        ({"model.tie_embeddings": True}, (1, 1, 1, 1, 2), r"model.tie_embeddings: .*parallel.pp > 1"),
+        ({"data.decomposition": {"path": "x"}, "data.sources": []}, (1, 1, 1, 1, 2), r"parallel.pp: data.decomposition"),
         ({"model.n_layers": 3, "parallel.pp_schedule": "interleaved_1f1b"}, (1, 1, 1, 1, 2),
          r"model.n_layers \(3\) is less than the pipeline stages \(parallel.pp 2 x 2 per rank = 4\)"),
         ({"data.micro_batch_size": 8}, (1, 1, 1, 1, 2), r"data.micro_batch_size: the 1f1b schedule needs at least parallel.pp \(2\)"),
