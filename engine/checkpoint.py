@@ -8,6 +8,8 @@ when complete, so a crash leaves no directory that looks complete. A checkpoint 
 or mismatching marker, or whose load raises, is skipped with a warning for the previous one.
 With `checkpoint.mirror` each committed directory is also uploaded (engine.checkpoint_mirror),
 and a resume that finds no usable local checkpoint fetches the newest intact one from there.
+Nodes without a disk in common (found by a probe file at start) need the mirror: each writes its
+own files locally, uploads them, and the marker goes up only once every node's part is in.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import json
 import logging
 import os
 import random
+import secrets
 import shutil
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,6 +53,9 @@ log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TMP_SUFFIX = ".tmp"
+PROBE_PREFIX = ".shared-disk-probe-"
+PROBE_LOOKS = 5  # a rank that misses the probe looks again (a network file system's cache)
+PROBE_LOOK_INTERVAL_S = 0.2
 
 
 def step_dir_name(step: int) -> str:
@@ -245,6 +252,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# -- one disk or one per node ---------------------------------------------------------------
+def one_disk_for_all(root: Path, ctx: DistContext) -> bool:
+    """Whether every rank sees the files rank 0 writes under `root` (one file system shared by
+    all nodes). Rank 0 creates an empty probe file with a random name there, every rank looks
+    for it (one broadcast, one all-reduce), rank 0 removes it and any directory it made for it.
+    True in a single process, and where rank 0 cannot write the probe (nothing to tell by)."""
+    if not ctx.distributed:
+        return True
+    name: list[str | None] = [None]
+    made = [p for p in (root, *root.parents) if not p.exists()]
+    if ctx.is_main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+            probe.touch(exist_ok=False)
+            name[0] = probe.name
+        except OSError as err:
+            log.warning("cannot write a probe file under %s (%s): assuming every rank shares it", root, _first_line(err))
+    dist.broadcast_object_list(name, src=0)
+    seen = name[0] is None or (root / name[0]).is_file()
+    for _ in range(PROBE_LOOKS - 1):
+        if seen:
+            break
+        time.sleep(PROBE_LOOK_INTERVAL_S)
+        seen = (root / name[0]).is_file()
+    unseen = all_reduce_sum(0 if seen else 1, ctx)  # also: every rank has looked before it is removed
+    if ctx.is_main and name[0] is not None:
+        (root / name[0]).unlink(missing_ok=True)
+        for path in made:  # only if empty: never anything else's
+            with contextlib.suppress(OSError):
+                path.rmdir()
+    return unseen == 0
+
+
+def agreed_problem(problem: str | None, ctx: DistContext) -> str | None:
+    """This rank's problem with a checkpoint, or, where it has none but another rank has one,
+    that other rank's (one all-reduce): a checkpoint is used only where it is usable everywhere."""
+    others = all_reduce_sum(0 if problem is None else 1, ctx)
+    return problem or ("broken on another rank" if others else None)
+
+
 # -- saving and loading ---------------------------------------------------------------------
 @dataclass
 class _PendingSave:
@@ -252,6 +300,15 @@ class _PendingSave:
     tmp: Path
     final: Path
     future: Any
+
+
+@dataclass
+class _NodeUpload:
+    """A checkpoint written across nodes' own disks whose parts are being uploaded."""
+
+    step: int
+    tmp: Path  # this node's part
+    sizes: dict[str, int]  # every node's files: the marker rank 0 uploads once all parts are in
 
 
 class Checkpointer:
@@ -266,6 +323,17 @@ class Checkpointer:
     rank from the call that finds it (`save`, `poll` or `wait`: for an async save, possibly the
     next `save`, which then starts nothing), after its partial files are removed;
     `failed_in_a_row` counts such failures since the last commit.
+
+    Nodes without a disk in common (`shared_disk` False, probed at construction; a ConfigError
+    naming checkpoint.mirror without a mirror): each node's local rank 0 tends its own
+    `step_N.tmp`, which holds only that node's files and is never committed locally. At commit
+    the ranks gather every node's file list (the union is the marker), and each node uploads its
+    own files in the background. All ranks then agree that every node's part is in (an all-gather)
+    at the first point every rank reaches once all uploads are done: `poll` (one all-reduce per
+    step while parts are uploading), else the next commit or `wait`, which block for them; the
+    uploads stay in the background (no stall) and a crash between saves loses at most the step in
+    upload. Rank 0 then uploads the marker, last, or, if any node's part failed, counts the step
+    failed (never fatal); each node removes its local part either way.
     """
 
     def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, async_save: bool = False,
@@ -278,6 +346,14 @@ class Checkpointer:
             from engine.checkpoint_mirror import CheckpointMirror  # it builds on this module
 
             self.mirror = CheckpointMirror(mirror, mirror_keep_last or keep_last, scratch=self.root)
+        self.shared_disk = one_disk_for_all(self.root, ctx)
+        if not self.shared_disk and self.mirror is None:
+            raise ConfigError(
+                f"checkpoint.mirror: the nodes do not share {self.root} (a file rank 0 wrote there is not seen by every "
+                "rank); checkpoints need a directory every node shares (train.run_dir on a shared file system) or a "
+                "mirror in object storage: set checkpoint.mirror to s3://, gs://, oci://, azure:// or a shared path"
+            )
+        self._uploading: _NodeUpload | None = None
         # async writes run collectives from a background thread: give them their own group
         self._async_group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
@@ -295,11 +371,13 @@ class Checkpointer:
         in host memory; the files are written in the background and committed later.
         """
         self._finish_async_save()
+        if self._uploading is not None and self._uploading.step == step:  # its part is read from `tmp`
+            self._settle_upload(block=True)
         blocking = not self.async_save if blocking is None else blocking
         final = self.root / step_dir_name(step)
         tmp = self.root / (step_dir_name(step) + TMP_SUFFIX)
         with self._failing_together(step, tmp):
-            if self.ctx.is_main:
+            if self._tends_disk:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
         model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
@@ -320,10 +398,18 @@ class Checkpointer:
             self._pending = _PendingSave(step, tmp, final, getattr(future, "upload_completion", future))
         return final
 
+    @property
+    def _tends_disk(self) -> bool:
+        """Whether this rank creates, prunes and cleans up the step directories of its disk:
+        rank 0 of a shared disk, each node's local rank 0 otherwise."""
+        return self.ctx.is_main if self.shared_disk else self.ctx.local_rank == 0
+
     def wait(self) -> Path | None:
         """Finishes and commits the async save in flight, if any, then waits for the mirror
-        upload in flight; returns the directory committed here, if any."""
+        upload in flight (across nodes: every part, then the marker); returns the directory
+        committed here, if any (across nodes: where a resume would fetch it to)."""
         final = self._finish_async_save()
+        self._settle_upload(block=True)
         if self.mirror is not None and self.ctx.is_main:
             self.mirror.wait()
             if self.mirror.uploaded or self.mirror.failed_uploads:
@@ -343,7 +429,9 @@ class Checkpointer:
 
     def poll(self) -> Path | None:
         """Commits the async save in flight once every rank has finished writing it (a cheap
-        check, meant to be called every step); returns the committed directory, if any."""
+        check, meant to be called every step); returns the committed directory, if any.
+        Across nodes it also publishes the checkpoint in upload once every node's part is in."""
+        self._settle_upload(block=False)
         if self._pending is None:  # the same on every rank: saves happen at the same steps
             return None
         unfinished = 0 if self._pending.future.done() else 1
@@ -353,6 +441,9 @@ class Checkpointer:
 
     def _commit(self, step: int, tmp: Path, final: Path) -> None:
         barrier(self.ctx)  # every rank's shards are on disk
+        if not self.shared_disk:
+            self._commit_across_nodes(step, tmp)
+            return
         with self._failing_together(step, tmp):
             if self.ctx.is_main:
                 if self.mirror is not None:  # its upload may read a directory this commit replaces or prunes
@@ -366,6 +457,60 @@ class Checkpointer:
                 log.warning("pruning old checkpoints in %s failed: %s", self.root, _first_line(err))
             if self.mirror is not None:
                 self.mirror.submit(step, final)
+
+    def _commit_across_nodes(self, step: int, tmp: Path) -> None:
+        """No disk holds the whole checkpoint: after the previous one is settled, the ranks
+        gather every node's file list (the marker to be) and each node starts uploading its own."""
+        assert self.mirror is not None
+        self._settle_upload(block=True)  # one checkpoint in upload at a time
+        stale_marker_error = None
+        if self.ctx.is_main:  # before any node uploads (the gather below orders it): the previous
+            self.mirror.wait()  # marker and its pruning of the mirror are done, a re-saved step unmarked
+            stale_marker_error = self.mirror.unmark(step)
+        with self._failing_together(step, tmp):
+            listing = _fsync_tree(tmp) if self._tends_disk else {}
+        listings = [listing]
+        if self.ctx.distributed:
+            listings = [None] * self.ctx.world_size
+            dist.all_gather_object(listings, listing)
+        self._uploading = _NodeUpload(step, tmp, {rel: size for part in listings for rel, size in part.items()})
+        self.failed_in_a_row = 0
+        if self._tends_disk:
+            try:
+                self._prune(keep=tmp)
+            except OSError as err:
+                log.warning("pruning old checkpoints in %s failed: %s", self.root, _first_line(err))
+            if stale_marker_error is None:
+                self.mirror.submit_part(step, tmp, sorted(listing))
+            else:
+                self.mirror.part_error = f"removing the marker of an earlier save of this step: {stale_marker_error}"
+
+    def _settle_upload(self, block: bool) -> None:
+        """Across nodes: once every node's part of the checkpoint in upload is in the mirror (or
+        has failed), rank 0 publishes its marker (or counts it failed) and each node removes its
+        local part. `block` False (poll): only if no node is still uploading (one all-reduce)."""
+        pending = self._uploading
+        if pending is None:  # the same on every rank
+            return
+        assert self.mirror is not None
+        if not block and all_reduce_sum(1 if self._tends_disk and self.mirror.busy() else 0, self.ctx) > 0:
+            return
+        self._uploading = None
+        error = None
+        if self._tends_disk:
+            self.mirror.wait()
+            error = self.mirror.part_error
+            shutil.rmtree(pending.tmp, ignore_errors=True)  # never loadable alone; the mirror has it (or not)
+        errors = [error]
+        if self.ctx.distributed:
+            errors = [None] * self.ctx.world_size
+            dist.all_gather_object(errors, error)
+        if self.ctx.is_main:
+            failed = [f"rank {rank}: {err}" for rank, err in enumerate(errors) if err]
+            if failed:
+                self.mirror.give_up(pending.step, "; ".join(failed))
+            else:
+                self.mirror.publish(pending.step, pending.sizes)
 
     @contextlib.contextmanager
     def _failing_together(self, step: int, tmp: Path) -> Iterator[None]:
@@ -383,7 +528,7 @@ class Checkpointer:
         if self.ctx.distributed:
             errors = [None] * self.ctx.world_size
             dist.all_gather_object(errors, error)
-        if self.ctx.is_main:
+        if self._tends_disk:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed save took
         self.failed_in_a_row += 1
         reasons = sorted({e for e in errors if e})
@@ -391,13 +536,15 @@ class Checkpointer:
         where = f" on rank(s) {', '.join(map(str, ranks))}" if self.ctx.distributed else ""
         raise CheckpointSaveError(step, f"{'; '.join(reasons)}{where}")
 
-    def _prune(self) -> None:
-        """Keeps the newest `keep_last` intact checkpoints; drops leftovers of crashed saves."""
+    def _prune(self, keep: Path | None = None) -> None:
+        """Keeps the newest `keep_last` intact checkpoints; drops leftovers of crashed saves
+        (all temp directories but `keep`, a part in upload)."""
         good = [p for p in list_checkpoints(self.root) if verify(p) is None]
         for old in good[self.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
         for leftover in self.root.glob("step_*" + TMP_SUFFIX):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover != keep:
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
         """Restores model (+ optimizer) resharded to this run's mesh; returns the trainer state."""
@@ -422,12 +569,18 @@ class Checkpointer:
     ) -> tuple[Path, dict] | None:
         """Loads the newest checkpoint that verifies and loads; skips (and says so) the others.
 
-        Every rank sees the same files and DCP raises a failed read on every rank, so all
-        ranks skip the same checkpoints. With a mirror and no usable local checkpoint, the
-        newest intact mirrored one is downloaded and loaded. None when there is none anywhere.
+        Rank 0's list is tried, a checkpoint only where it verifies on every rank (all-reduce),
+        and DCP raises a failed read on every rank, so all ranks skip the same checkpoints. With
+        a mirror and no usable local checkpoint, the newest intact mirrored one is downloaded and
+        loaded. Without a disk in common a local step directory is only a copy fetched from the
+        mirror, so the mirror is asked first (the fetch keeps a local copy that is intact).
+        None when there is none anywhere.
         """
-        for path in list_checkpoints(self.root):
-            problem = verify(path)
+        names = [[p.name for p in list_checkpoints(self.root)] if self.shared_disk else []]
+        if self.ctx.distributed:
+            dist.broadcast_object_list(names, src=0)
+        for path in (self.root / name for name in names[0]):
+            problem = agreed_problem(verify(path), self.ctx)
             if problem is None:
                 loaded, problem = self._try_load(path, model, optimizer)
                 if loaded is not None:
@@ -459,14 +612,14 @@ class Checkpointer:
                     problem = f"download failed ({_first_line(err)})"
             barrier(self.ctx)
             path = self.root / step_dir_name(step)
-            problem = problem or verify(path)
-            if all_reduce_sum(1 if problem else 0, self.ctx) == 0:
+            problem = agreed_problem(problem or verify(path), self.ctx)
+            if problem is None:
                 if self.ctx.is_main:
                     print(f"fetched checkpoint {self.mirror.url}/{path.name} into {path}", flush=True)
                 loaded, problem = self._try_load(path, model, optimizer)
                 if loaded is not None:
                     return path, loaded
-            _warn_skip(f"{self.mirror.url}/{path.name}", problem or "broken on another node", loud=self.ctx.is_main)
+            _warn_skip(f"{self.mirror.url}/{path.name}", problem, loud=self.ctx.is_main)
         return None
 
     def _mirror_steps(self) -> list[int]:

@@ -1,7 +1,9 @@
 """Checkpoint mirror: a copy of each committed checkpoint in object storage (s3://, gs://, oci://,
 azure://) or another path, `<mirror>/step_N/...` with the COMPLETE marker uploaded last, uploaded
 in the background (one at a time, retried, never fatal), pruned, and fetched back (download, then
-verify, then rename). Choosing and loading checkpoints stays in engine.checkpoint.
+verify, then rename). Where nodes have no disk in common each node uploads its own files and the
+marker listing every node's files follows once all are in. Choosing, loading and agreeing between
+ranks stay in engine.checkpoint.
 Transfers use mosaicml-streaming's storage layer; it has no delete (pruning calls the uploader's own
 client) and its LocalUploader lists its local side (a path mirror is listed with os.walk here).
 """
@@ -160,10 +162,15 @@ def _steps(files: list[str]) -> dict[int, list[str]]:
 
 
 class CheckpointMirror:
-    """Uploads committed step directories (rank 0, a background thread) and fetches them back.
+    """Uploads checkpoints in a background thread and fetches them back.
 
-    At most one upload is in flight: `submit` waits for the previous one. A failed upload is
-    retried `UPLOAD_ATTEMPTS` times, then reported and counted; training never stops for it.
+    A checkpoint committed on a disk every rank shares goes up whole from rank 0 (`submit`).
+    One written across nodes' own disks goes up in parts: each node sends its own files
+    (`submit_part`, no marker; `part_error` says how it went), then rank 0, once engine.checkpoint
+    has agreed that every part is in, uploads the marker listing them all (`publish`) or counts
+    the checkpoint failed (`give_up`). One transfer is in flight at a time (a new one waits for
+    it). A failed transfer is retried `UPLOAD_ATTEMPTS` times, then reported and counted; training
+    never stops for it.
     """
 
     def __init__(self, url: str, keep_last: int, scratch: Path) -> None:
@@ -173,21 +180,47 @@ class CheckpointMirror:
         self.uploaded: list[int] = []
         self.failed_uploads = 0
         self.last_error: str | None = None
+        self.part_error: str | None = None
 
     # -- uploading --------------------------------------------------------------------------
     def submit(self, step: int, step_dir: Path) -> None:
-        """Starts uploading a committed step directory, after the upload in flight (if any)."""
+        """Starts uploading a committed step directory, after the transfer in flight (if any)."""
+        self._start(self._upload_whole, step, Path(step_dir))
+
+    def submit_part(self, step: int, step_dir: Path, files: list[str]) -> None:
+        """Starts uploading `files` of `step_dir` (this node's part of a checkpoint written across
+        nodes) to `<mirror>/step_N/`, no marker; `part_error` is None once `wait` says it is in."""
         self.wait()
-        # not a daemon: an exiting process (a requeue, say) finishes the upload first
-        self._thread = threading.Thread(target=self._upload_with_retries, args=(step, Path(step_dir)),
-                                        name=f"checkpoint-mirror-{step}")  # fmt: skip
-        self._thread.start()
+        self.part_error = None
+        self._start(self._upload_part, step, Path(step_dir), files)
+
+    def publish(self, step: int, sizes: dict[str, int]) -> None:
+        """Starts uploading the marker of a step every file of which (`sizes`: relative path ->
+        bytes, every node's) is already in the mirror; counted as uploaded once it is there."""
+        self._start(self._upload_marker, step, sizes)
+
+    def unmark(self, step: int) -> str | None:
+        """Removes the marker an earlier save of `step` left in the mirror (its files are about to
+        be replaced: it must not look complete meanwhile); the error if that failed, else None."""
+        try:
+            self._remove_marker(step_dir_name(step))
+            return None
+        except Exception as err:  # any store error: this step's upload is then counted failed
+            return _first_line(err)
+
+    def give_up(self, step: int, reason: str) -> None:
+        """Counts and reports a step that will not be in the mirror (a node's part failed)."""
+        self._count(step, reason, attempts=None)
 
     def wait(self) -> None:
-        """Blocks until the upload in flight (if any) has succeeded or given up."""
+        """Blocks until the transfer in flight (if any) has succeeded or given up."""
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
+
+    def busy(self) -> bool:
+        """Whether a transfer is still running (`wait` would block)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def summary(self) -> str:
         return (f"checkpoint mirror {self.url}: {len(self.uploaded)} uploaded, {self.failed_uploads} failed"
@@ -197,33 +230,75 @@ class CheckpointMirror:
         """The step's files first, its COMPLETE marker last (an earlier copy's marker removed first)."""
         files = sorted(json.loads((step_dir / MARKER).read_text())["files"])
         name = step_dir_name(step)
+        self._remove_marker(name)
+        self.store.upload(step_dir, name, [*files, MARKER])
+
+    def _remove_marker(self, name: str) -> None:
         old_marker = f"{name}/{MARKER}"
         if old_marker in self.store.files(name + "/"):  # re-saving a step: incomplete until re-marked
             self.store.delete([old_marker])
-        self.store.upload(step_dir, name, [*files, MARKER])
 
-    def _upload_with_retries(self, step: int, step_dir: Path) -> None:
+    def _start(self, target, *args) -> None:
+        self.wait()
+        # not a daemon: an exiting process (a requeue, say) finishes the transfer first
+        self._thread = threading.Thread(target=target, args=args, name=f"checkpoint-mirror-{args[0]}")
+        self._thread.start()
+
+    def _retrying(self, what: str, action) -> tuple[str | None, int]:
+        """Runs `action` until it succeeds, at most `UPLOAD_ATTEMPTS` times (a permanent error:
+        once); (None or the last error, attempts made)."""
         attempts, error = 0, None
         while attempts < UPLOAD_ATTEMPTS:
             attempts += 1
             try:
-                self.upload(step, step_dir)
-                error = None
-                break
+                action()
+                return None, attempts
             except Exception as err:  # any store error: the run goes on with its local checkpoints
                 error = self.last_error = _first_line(err)
-                log.warning("upload of %s to %s failed (attempt %d/%d): %s", step_dir.name, self.url, attempts,
+                log.warning("upload of %s to %s failed (attempt %d/%d): %s", what, self.url, attempts,
                             UPLOAD_ATTEMPTS, error)  # fmt: skip
                 if _error_code(err) in PERMANENT_ERRORS:
                     break
                 if attempts < UPLOAD_ATTEMPTS:
                     time.sleep(RETRY_BACKOFF_S * 2 ** (attempts - 1))
+        return error, attempts
+
+    def _upload_whole(self, step: int, step_dir: Path) -> None:
+        error, attempts = self._retrying(step_dir.name, lambda: self.upload(step, step_dir))
+        self._count(step, error, attempts, local_copy=True)
+
+    def _upload_part(self, step: int, step_dir: Path, files: list[str]) -> None:
+        what = f"{step_dir_name(step)} ({len(files)} file(s) of {socket.gethostname()})"
+        error, attempts = self._retrying(what, lambda: self.store.upload(step_dir, step_dir_name(step), files))
+        if error is not None:
+            self.part_error = f"{what}: {error} after {attempts} attempt(s)"
+            log.error(f"error: checkpoint mirror: uploading {self.part_error}; training goes on")
+
+    def _upload_marker(self, step: int, sizes: dict[str, int]) -> None:
+        name = step_dir_name(step)
+
+        def upload_marker() -> None:
+            self.store.scratch.mkdir(parents=True, exist_ok=True)
+            local = Path(tempfile.mkdtemp(prefix=f"{name}.marker.", suffix=TMP_SUFFIX, dir=self.store.scratch))
+            try:
+                (local / MARKER).write_text(json.dumps({"step": step, "files": sizes}))
+                self.store.upload(local, name, [MARKER])
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+
+        error, attempts = self._retrying(f"{name}/{MARKER}", upload_marker)
+        self._count(step, error, attempts)
+
+    def _count(self, step: int, error: str | None, attempts: int | None, local_copy: bool = False) -> None:
+        """Counts a step as uploaded (then prunes the mirror) or as failed (reported)."""
         if error is not None:
             self.failed_uploads += 1
+            self.last_error = error
+            tried = f" after {attempts} attempt(s)" if attempts else ""
+            intact = "the local checkpoint is intact" if local_copy else "the previous mirrored checkpoints are intact"
             # WARNING and up reach stderr even where logging is not set up
-            log.error(f"error: checkpoint mirror: uploading {step_dir.name} to {self.url} failed after {attempts} "
-                      f"attempt(s) ({error}); training goes on, the local checkpoint is intact "
-                      f"({self.failed_uploads} failed upload(s) so far)")  # fmt: skip
+            log.error(f"error: checkpoint mirror: uploading {step_dir_name(step)} to {self.url} failed{tried} "
+                      f"({error}); training goes on, {intact} ({self.failed_uploads} failed upload(s) so far)")  # fmt: skip
             return
         self.uploaded.append(step)
         try:

@@ -399,6 +399,7 @@ class Trainer:
                     break
                 if self._stop_agreed():
                     saved = self._checkpoint(lambda: self.save(blocking=True), sink)
+                    self._checkpoint(self.checkpointer.wait, sink)  # its mirror upload (across nodes: its marker) ends first
                     if ctx.is_main:
                         done = f"checkpointed step {self.step}" if saved else "its checkpoint failed (a resume takes the last good one)"
                         print(f"stop requested ({self.stop.signal_name}): {done}; exiting {REQUEUE_EXIT_CODE} for requeue", flush=True)

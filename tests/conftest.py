@@ -30,15 +30,24 @@ def small_disk_supported() -> bool:
     return probe.returncode == 0
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_disk_command(mount_point: Path, size: str, script: str, *args: str) -> list[str]:
+    """The command line of `on_small_disk` (for running several at once: each gets its own disk
+    on the same `mount_point`, as nodes without a shared disk do); run it with cwd=REPO."""
+    Path(mount_point).mkdir(parents=True, exist_ok=True)
+    wrapped = 'mount -t tmpfs -o size="$0" tmpfs "$1" || exit 90\n' + script
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", wrapped, size, str(mount_point), *args]
+
+
 def on_small_disk(mount_point: Path, size: str, script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs the shell `script` (cwd: the repository) with a `size` tmpfs (e.g. "3m") mounted on
     `mount_point` (created if missing), in a private user + mount namespace: no root needed, and the disk is gone when
     the script ends (copy out what is to be looked at). The script's $1 is the mount point, then `args`;
     `mount -o remount,size=N "$1"` frees space."""
-    Path(mount_point).mkdir(parents=True, exist_ok=True)
-    wrapped = 'mount -t tmpfs -o size="$0" tmpfs "$1" || exit 90\n' + script
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", wrapped, size, str(mount_point), *args],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(small_disk_command(mount_point, size, script, *args), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
 
 
 @pytest.fixture(scope="session")
