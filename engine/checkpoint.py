@@ -54,8 +54,10 @@ MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 TMP_SUFFIX = ".tmp"
 PROBE_PREFIX = ".shared-disk-probe-"
-PROBE_LOOKS = 5  # a rank that misses the probe looks again (a network file system's cache)
-PROBE_LOOK_INTERVAL_S = 0.2
+# A rank that misses the probe looks again for this long: a network file system may show a new
+# file only once its cached directory attributes expire (NFS: acdirmin, 30 s by default).
+PROBE_PATIENCE_S = float(os.environ.get("STRATA_SHARED_DISK_WAIT_S", "35"))
+PROBE_LOOK_INTERVAL_S = 0.5
 
 
 def step_dir_name(step: int) -> str:
@@ -272,10 +274,11 @@ def one_disk_for_all(root: Path, ctx: DistContext) -> bool:
             log.warning("cannot write a probe file under %s (%s): assuming every rank shares it", root, _first_line(err))
     dist.broadcast_object_list(name, src=0)
     seen = name[0] is None or (root / name[0]).is_file()
-    for _ in range(PROBE_LOOKS - 1):
-        if seen:
-            break
+    deadline = time.monotonic() + PROBE_PATIENCE_S
+    while not seen and time.monotonic() < deadline:  # costs time only where the disk is not shared
         time.sleep(PROBE_LOOK_INTERVAL_S)
+        with contextlib.suppress(OSError):
+            os.listdir(root)  # a directory read also refreshes a network file system's view of it
         seen = (root / name[0]).is_file()
     unseen = all_reduce_sum(0 if seen else 1, ctx)  # also: every rank has looked before it is removed
     if ctx.is_main and name[0] is not None:

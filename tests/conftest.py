@@ -14,6 +14,9 @@ import torch
 # fixed threading keeps float reductions identical between runs that are compared exactly.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Nodes without a shared disk (simulated by some tests) are told apart by a probe file other
+# ranks never see; waiting 35 s for a network file system's cache is for real clusters.
+os.environ.setdefault("STRATA_SHARED_DISK_WAIT_S", "1")
 # Without a GPU, Triton kernels run under the interpreter. The switch must be set before the
 # first `import triton` anywhere in the session (fla imports it too), or the interpreted kernels
 # meet Triton's compiled standard library.
