@@ -67,7 +67,7 @@ def test_select_labels_its_write_phase_write(corpus, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, overrides, field", [
     (["train", "--nproc", "2"], {"parallel.cp": 3}, "parallel: dp_replicate (1) x cp (3)"),
-    (["submit", "--launcher", "local", "--nproc", "2"], {"parallel.pp": 2}, "model.tie_embeddings:"),
+    (["submit", "--launcher", "local", "--nproc", "2"], {"parallel.pp": 3}, "does not divide the world size (2)"),
     (["submit", "--launcher", "ray", "--workers-per-node", "2"],
      {"parallel.pp": 2, "model.tie_embeddings": False, "parallel.pp_microbatches": 3}, "parallel.pp_microbatches:"),
     (["submit", "--launcher", "slurm", "--workers-per-node", "2", "--dry-run"],
