@@ -205,6 +205,18 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {detail[:300]}" if detail else type(err).__name__
 
 
+def _free_space_note(root: Path, err: BaseException) -> str:
+    """The free space on the checkpoint disk, for a save error that does not say the disk is full
+    (torch.save on a full disk: "unexpected pos 704 vs 598"); empty when it says so or is unknown."""
+    if "No space left on device" in str(err):
+        return ""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:  # a lost mount
+        return ""
+    return f" ({free / 2**20:,.1f} MiB free on the disk of {root})"
+
+
 def latest_checkpoint(root: Path, loud: bool = True) -> Path | None:
     """Newest intact checkpoint under `root`, warning about each broken one it skips."""
     for path in list_checkpoints(root):
@@ -524,7 +536,7 @@ class Checkpointer:
         try:
             yield
         except (Exception, CheckpointException) as err:  # ENOSPC, a lost mount; DCP's error is a BaseException
-            error = _first_line(err)
+            error = _first_line(err) + _free_space_note(self.root, err)
         if not all_reduce_sum(error is not None, self.ctx):
             return
         errors = [error]

@@ -449,7 +449,8 @@ def start_continual_run(trainer: Trainer, notes: list[str] | None = None) -> Con
         notes.append(f"data: {policy.skip_data_steps} global batches (~{skipped_tokens:,} tokens) skipped, never trained on")
     if policy.schedule == "continue":
         old = trainer.schedule
-        notes.append("this config's schedule section is not used (schedule: continue)")
+        if old.cfg != cfg.schedule:  # e.g. no --config: the source's own section, which is what goes on
+            notes.append("this config's schedule section is not used (schedule: continue)")
         if old.start_step + old.total_steps < cfg.train.steps:
             notes.append(
                 f"the source's schedule ends at step {old.start_step + old.total_steps}; later steps keep "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class MetricsSink:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            _quiet_tensorboard_write_errors()
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
         self.wandb = _start_wandb(run_dir, **wandb) if wandb else None
 
@@ -96,8 +98,11 @@ class MetricsSink:
         self._append(record)
         scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)}
         if self.tb is not None:
-            for key, value in scalars.items():
-                self.tb.add_scalar(key, value, record["step"])
+            try:
+                for key, value in scalars.items():
+                    self.tb.add_scalar(key, value, record["step"])
+            except OSError as err:  # its writer thread failed (a full disk): raised here, at every later call
+                self._stop_tensorboard(err)
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
 
@@ -114,9 +119,40 @@ class MetricsSink:
             print(f"warning: {self.failed_writes} write(s) to {self.path} failed; its last records may be missing",
                   file=sys.stderr, flush=True)  # fmt: skip
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as err:
+                self._stop_tensorboard(err)
         if self.wandb is not None:
             self.wandb.finish()
+
+    def _stop_tensorboard(self, err: OSError) -> None:
+        """A TensorBoard event file that cannot be written: said once, never fatal; TensorBoard
+        logging stops for this process (metrics.jsonl goes on; a resume writes a new event file)."""
+        tb, self.tb = self.tb, None
+        print(f"warning: writing TensorBoard events to {tb.log_dir} failed ({err.strerror or err}); training goes on, "
+              "TensorBoard logging stops until the run is resumed", file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            tb.close()
+        except OSError:
+            pass
+
+
+def _quiet_tensorboard_write_errors() -> None:
+    """TensorBoard's writer thread dies on a failed write (a full disk) and Python prints its
+    traceback; the sink reports that failure itself (the next add_scalar raises it), so the
+    traceback of an OSError in that thread is left out. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "strata_tensorboard_quiet", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    hook.strata_tensorboard_quiet = True
+    threading.excepthook = hook
 
 
 def _start_wandb(run_dir: Path, project: str, entity: str | None, mode: str, config: dict):

@@ -22,7 +22,8 @@ RECORD_START = '{"step": '  # how MetricsSink (json.dumps) begins every line
 SPIKE_FACTOR = 5.0  # a logged grad norm above this times the running median is a spike
 SPIKE_WINDOW = 50  # the running median looks back over this many logged grad norms
 SPIKE_MIN_HISTORY = 5  # and needs at least this many before it judges
-EXIT_STATUS = {0: "finished", 75: "stopped for requeue (exit 75)", 3: "diverged (exit 3)"}
+EXIT_STATUS = {0: "finished", 75: "stopped for requeue (exit 75)", 3: "diverged (exit 3)",
+               74: "stopped: checkpoint saves failing (exit 74)"}
 
 
 def closing_line(summary: dict[str, Any], run_dir: str | Path) -> str:
@@ -33,8 +34,11 @@ def closing_line(summary: dict[str, Any], run_dir: str | Path) -> str:
     val = summary.get("val") or {}
     scores = f", val loss {val['val_loss']:.4f}" if "val_loss" in val else ""
     scores += f" ({val['val_bpb']:.3f} bits/byte)" if "val_bpb" in val else ""
-    return (f"run {state} at step {summary.get('step', 0):,} ({summary.get('tokens_seen', 0):,} tokens){scores}; outputs in "
+    line = (f"run {state} at step {summary.get('step', 0):,} ({summary.get('tokens_seen', 0):,} tokens){scores}; outputs in "
             f"{run_dir}/ (config.yaml, metrics.jsonl, report.png, tb/, checkpoints/); `strata report {run_dir}`")
+    if code == 74:
+        line += f"; free space on the checkpoint disk, then `strata train --resume {run_dir}`"
+    return line
 
 
 class MetricsHistory(NamedTuple):

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -305,6 +306,7 @@ class RayLauncher:
         """One try; returns ('done', exit code) or ('failed', reason)."""
         import ray
 
+        started = time.time()
         workers = self._start_workers(group)
         try:
             try:  # a lost node: its placement-group bundle must be rescheduled first
@@ -333,6 +335,9 @@ class RayLauncher:
                     try:
                         codes[rank] = ray.get(ref)
                     except Exception as err:  # actor died, or run_training raised
+                        hang = _hang_report(self.run.run_dir, rank, since=started)
+                        if hang:  # the watchdog's os._exit kills the actor: Ray reports a dead worker, not 124
+                            return "failed", f"rank {rank} exited with status {HANG_EXIT_CODE}, {hang}"
                         return "failed", f"rank {rank}: {type(err).__name__}: {_first_line(err)}"
                     if codes[rank] in (DIVERGED_EXIT_CODE, CHECKPOINT_FAILED_EXIT_CODE):  # a restart would fail alike
                         return "done", codes[rank]
@@ -393,6 +398,24 @@ class RayLauncher:
             return 1
         finally:
             ray.util.remove_placement_group(group)
+
+
+def _hang_report(run_dir: str, rank: int, since: float) -> str | None:
+    """What the hang watchdog of `rank` said, when it wrote RUN_DIR/hangs/rank<R>.txt at or after
+    `since` (seen where the launcher shares the run directory), e.g. "the hang watchdog: rank 1: no
+    progress for 31 s (...) during step 24; stacks in RUN_DIR/hangs/rank1.txt"; else None."""
+    from engine.watchdog import HANGS_DIR
+
+    path = Path(run_dir) / HANGS_DIR / f"rank{rank}.txt"
+    try:
+        if path.stat().st_mtime < since - 1:  # an earlier attempt's (1 s: file systems' coarse clocks)
+            return None
+        with path.open() as report:
+            header = report.readline().strip()
+    except OSError:
+        return None
+    header = header.split("; stacks of every thread follow")[0]
+    return f"the hang watchdog: {header}; stacks in {path}"
 
 
 def _first_line(err: BaseException) -> str:

@@ -54,6 +54,22 @@ def test_a_failed_save_removes_its_files_keeps_the_last_good_one_and_counts_in_a
     assert checkpointer.failed_in_a_row == 0 and latest_checkpoint(tmp_path).name == "step_00000004"
 
 
+def test_a_failed_save_whose_error_hides_a_full_disk_says_the_free_space(tmp_path, monkeypatch):
+    checkpointer, save = _saves(tmp_path)
+
+    def torch_save_on_a_full_disk(*args, **kwargs):  # torch's zip writer on ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", torch_save_on_a_full_disk)
+    with pytest.raises(CheckpointSaveError, match=r"unexpected pos 704 vs 598 \([\d,.]+ MiB free on the disk of ") as err:
+        save(1)
+    assert str(tmp_path) in str(err.value)
+    monkeypatch.setattr(checkpoint_module.torch, "save", _disk_full)
+    with pytest.raises(CheckpointSaveError) as err:
+        save(2)
+    assert "No space left on device" in str(err.value) and "MiB free" not in str(err.value)
+
+
 def test_a_failed_async_save_is_found_by_poll(tmp_path, monkeypatch):
     checkpointer, save = _saves(tmp_path, async_save=True)
     save(1)

@@ -326,3 +326,39 @@ def test_a_metrics_write_onto_a_full_disk_is_said_once_and_counted_never_fatal(t
     assert err.count("No space left on device") == 1 and "training goes on" in err
     assert f"{sink.failed_writes} write(s) to {tmp_path / 'metrics.jsonl'} failed" in err and sink.failed_writes >= 3
     assert [r["step"] for r in read_metrics(tmp_path).records] == [1]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_tensorboard_write_onto_a_full_disk_is_said_once_never_fatal_and_no_traceback(tmp_path, capfd):
+    import time
+
+    from engine.metrics import MetricsSink
+
+    sink = MetricsSink(tmp_path, tensorboard=True)
+    sink.write({"step": 1, "loss": 5.0})
+    sink.tb.flush()
+    (events,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    events.unlink()
+    events.symlink_to("/dev/full")  # TensorBoard appends with a fresh open per record: each one ENOSPC
+    step = 2
+    while sink.tb is not None and step < 400:  # its writer thread fails, the next add_scalar raises it
+        sink.write({"step": step, "loss": 4.0})
+        step += 1
+        time.sleep(0.01)
+    assert sink.tb is None, "the failed TensorBoard write never surfaced"
+    sink.write({"step": step, "loss": 3.0})
+    sink.close()
+    err = capfd.readouterr().err
+    assert err.count("writing TensorBoard events") == 1 and "training goes on" in err, err
+    assert "Traceback" not in err, err
+    assert [r["step"] for r in read_metrics(tmp_path).records] == list(range(1, step + 1))
+
+
+def test_a_run_stopped_by_failing_checkpoints_says_so_and_how_to_go_on(tmp_path):
+    from engine.report import EXIT_STATUS, closing_line
+
+    line = closing_line({"exit_code": 74, "step": 8, "tokens_seen": 4096}, tmp_path)
+    assert line.startswith("run stopped: checkpoints failing at step 8 (4,096 tokens)"), line
+    assert line.endswith(f"free space on the checkpoint disk, then `strata train --resume {tmp_path}`"), line
+    assert "--resume" not in closing_line({"exit_code": 0, "step": 8}, tmp_path)
+    assert EXIT_STATUS[74] == "stopped: checkpoint saves failing (exit 74)"

@@ -187,6 +187,7 @@ def test_skip_data_flag_pins_the_policy_and_continues_everything_else(tiny_corpu
     assert main(["resume", str(source_copy.step_dir), "--steps", "2", "--skip-data", "5", "--no-train"]) == 0
     out = capsys.readouterr().out
     assert "note: data: 5 global batches (~1,280 tokens) skipped, never trained on" in out
+    assert "schedule section is not used" not in out  # no --config: the source's schedule is the one that goes on
     policy = load_config(tmp_path / "src-resume-6" / "config.yaml").continual
     assert (policy.optimizer, policy.schedule, policy.data, policy.step, policy.skip_data_steps) == (
         "keep", "continue", "continue", "continue", 5)

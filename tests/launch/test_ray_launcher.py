@@ -191,3 +191,27 @@ def test_gpu_ranks_of_a_node_see_all_the_node_group_gpus():
     ]
     assert node_device_plan(described) == {0: ("1,3", 1), 1: ("1,3", 0), 2: ("0,10", 0), 3: ("0,10", 1)}
     assert node_device_plan([{"rank": 0, "node_id": "a", "gpu_ids": []}]) == {0: None}
+
+
+def test_a_rank_ended_by_the_hang_watchdog_is_named_as_a_hang_not_a_dead_actor(tmp_path):
+    """The watchdog's os._exit(124) kills the Ray actor, so Ray only says the worker died: the
+    launcher names the hang from the report the watchdog wrote during this attempt."""
+    import subprocess
+    import sys
+
+    from launch.ray_launcher import _hang_report
+
+    started = time.time()
+    assert _hang_report(str(tmp_path), 1, since=started) is None
+    watchdog = ("import sys, threading; from pathlib import Path; from engine.watchdog import HangWatchdog\n"
+                "watchdog = HangWatchdog(0.3, Path(sys.argv[1]), rank=1); watchdog.progress('step 24')\n"
+                "threading.Event().wait()\n")  # fmt: skip
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", watchdog, str(tmp_path)], cwd=repo, capture_output=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(repo)})  # fmt: skip
+    assert done.returncode == 124
+    report = _hang_report(str(tmp_path), 1, since=started)
+    assert report is not None and report.startswith("the hang watchdog: rank 1: no progress for "), report
+    assert "during step 24" in report and report.endswith(f"stacks in {tmp_path / 'hangs' / 'rank1.txt'}"), report
+    assert _hang_report(str(tmp_path), 0, since=started) is None  # another rank's report
+    assert _hang_report(str(tmp_path), 1, since=time.time() + 60) is None  # an earlier attempt's
