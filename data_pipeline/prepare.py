@@ -374,13 +374,12 @@ def prepare(
     if not opts.tokenizer and not opts.train_tokenizer:
         raise ValueError("a tokenizer is required: --tokenizer PATH or --train-tokenizer VOCAB")
     shard_size_bytes = parse_size(opts.shard_size)
+    tokenizer = load_tokenizer(opts.tokenizer) if opts.tokenizer else None  # a bad path: no empty OUT left behind
     check_writable(out_dir)
     if opts.overwrite:
         clear_output_dir(out_dir)
 
-    if opts.tokenizer:
-        tokenizer = load_tokenizer(opts.tokenizer)
-    else:
+    if tokenizer is None:
         tokenizer = _train_tokenizer(specs, opts, out_dir / STATE_DIR)
     eos_token, eos_id = find_eos_id(tokenizer, opts.eos_token)
     vocab_size = vocab_size_of(tokenizer)

@@ -186,7 +186,8 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step - 1)
         parts = [f"step {step + 1}/{self.total}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}"]
-        parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        if "tokens_per_s" in record:  # an eval between two log steps has no timing window
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         if record.get("mfu") is not None:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
         if "val_loss" in record:

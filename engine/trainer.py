@@ -382,7 +382,7 @@ class Trainer:
                     watchdog.progress(f"the eval at step {self.step}")
                     val = self.run_eval()
                     if val:
-                        record = {**(record or {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": 0.0}), **val}
+                        record = {**(record or {"step": self.step, "loss": loss, "lr": lr}), **val}  # no window: no tokens/s
                 if record is not None:
                     if sink:
                         sink.write(record)

@@ -249,3 +249,8 @@ def _print_table(rows: list[dict]) -> None:
             cells.append(f"{r['acc']:.4f} / {r['acc_norm']:.4f}" if r else "")
         table.add_row(row["checkpoint"], "" if row["step"] is None else f"{row['step']:,}", *cells)
     Console().print(table)
+    for name in task_names:  # the bad lines a task file had, as the trainer's eval says them
+        r = next(row["tasks"][name] for row in rows if name in row["tasks"])
+        if r.get("skipped"):
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(r["skipped"].items()))
+            print(f"note: task {name}: {r['items']} items scored, {sum(r['skipped'].values())} skipped ({reasons})")

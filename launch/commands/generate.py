@@ -1,7 +1,7 @@
 """`strata generate CKPT --prompt TEXT`: continue a prompt with a trained model (any family).
 
-Loads the newest intact checkpoint under CKPT (engine/export.py), the run's tokenizer, and
-decodes with models/generate.py (Llama: KV cache; GLA: recurrent state). Prints the prompt and
+Loads the newest intact checkpoint under CKPT (engine/export.py) and the run's tokenizer, or a
+Hugging Face directory (config.json + safetensors, its tokenizer.json), and decodes with models/generate.py (Llama: KV cache; GLA: recurrent state). Prints the prompt and
 its continuation; `--ids` works on token ids instead of text (no tokenizer needed).
 """
 
@@ -20,10 +20,11 @@ def add_parser(subparsers) -> None:
         "generate",
         help="continue a prompt with a trained checkpoint",
         description="Greedy or sampled continuation of a prompt by a Strata checkpoint "
-        "(run dir, its checkpoints/ dir or one step dir: the newest intact one is used).",
+        "(run dir, its checkpoints/ dir or one step dir: the newest intact one is used) "
+        "or a Hugging Face directory (`strata export` output, a Llama/Qwen3/GLA download).",
     )
     parser.add_argument(
-        "checkpoint", metavar="CKPT", help="run directory, checkpoints directory or step directory"
+        "checkpoint", metavar="CKPT", help="run directory, checkpoints directory, step directory or Hugging Face directory"
     )
     parser.add_argument(
         "--prompt", required=True, help="prompt text (with --ids: comma-separated token ids)"
@@ -41,7 +42,7 @@ def add_parser(subparsers) -> None:
         "--top-k", type=positive_int, default=None, help="sample from the k most likely tokens only"
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's, or the HF directory's)")
     parser.add_argument(
         "--no-eos-stop", action="store_true", help="do not stop at the tokenizer's EOS"
     )
@@ -78,7 +79,7 @@ def _parse_ids(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from engine.export import build_model_from_checkpoint
+    from engine.export import build_model_from_checkpoint, build_model_from_hf
     from models.generate import generate
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -89,7 +90,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         device = torch.device(args.device)
     try:
-        model, model_cfg, run_dir = build_model_from_checkpoint(args.checkpoint, device)
+        source = Path(args.checkpoint)
+        if (source / "config.json").is_file() and not (source / "config.yaml").is_file():  # as `strata eval`
+            model, model_cfg = build_model_from_hf(source, device)
+            run_dir = source  # its tokenizer.json
+        else:
+            model, model_cfg, run_dir = build_model_from_checkpoint(source, device)
         tokenizer, eos_id = None, None
         if not args.ids or not args.no_eos_stop:
             tokenizer, eos_id = _tokenizer(args.tokenizer, run_dir, required=not args.ids)

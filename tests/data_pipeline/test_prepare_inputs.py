@@ -253,3 +253,11 @@ def test_a_model_directory_gives_its_tokenizer_json_and_a_wrong_one_says_what_to
     assert "a directory without tokenizer.json" in capsys.readouterr().err
     assert strata(["prepare", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "d"), "--tokenizer", "some-org/some-model"]) == 2
     assert "huggingface-cli download some-org/some-model" in capsys.readouterr().err
+
+
+def test_a_tokenizer_that_is_not_there_fails_before_the_output_directory_is_made(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n")
+    for missing in ("meta-llama/Llama-3.2-1B", str(tmp_path)):  # a Hub id; a directory without tokenizer.json
+        with pytest.raises(FileNotFoundError):
+            prepare([str(tmp_path / "a.txt")], tmp_path / "out", PrepareOptions(tokenizer=missing))
+        assert not (tmp_path / "out").exists()

@@ -88,3 +88,15 @@ def test_tasks_are_scored_beside_the_val_sets(run, tmp_path, capsys):
     assert main(["eval", str(run_dir), "--task", str(task), "--max-batches", "1"]) == 0  # NAME: the file's stem
     r = row["tasks"]["mc"]
     assert f"{r['acc']:.4f} / {r['acc_norm']:.4f}" in capsys.readouterr().out
+
+
+def test_the_table_says_how_many_task_lines_were_skipped_and_why(run, tmp_path, capsys):
+    run_dir, _ = run
+    task = tmp_path / "mc.jsonl"
+    good = json.dumps({"context": "import", "choices": [" os", " sys"], "label": 0})
+    task.write_text(f"{good}\n{good}\nnot json\n" + json.dumps({"context": "x"}) + "\n")
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--task", f"mc={task}", "--num-fewshot", "1", "--max-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mc (1-shot)" in out
+    assert "note: task mc: 2 items scored, 2 skipped (invalid JSON 1, missing field 1)" in out, out

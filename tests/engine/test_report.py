@@ -54,7 +54,8 @@ def test_summary_numbers_are_what_metrics_jsonl_says(plain_run):
     windows = [r for r in lines if "step_time_s" in r]
     evals = [r for r in lines if "val_loss" in r]
     assert [r["step"] for r in windows] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
-    assert [r["tokens_per_s"] for r in lines if r["step"] == 3] == [0.0]  # the eval's own record
+    (eval_only,) = [r for r in lines if r["step"] == 3]  # the eval's own record: one step's loss, no timing
+    assert "tokens_per_s" not in eval_only and "loss" in eval_only  # (it was 0.0: a dip to 0 in TensorBoard)
     s = summarize(load_run(plain_run))
     assert s["status"] == "finished" and s["exit_code"] == 0
     assert (s["steps_done"], s["steps_planned"]) == (6, 6)
@@ -362,3 +363,13 @@ def test_a_run_stopped_by_failing_checkpoints_says_so_and_how_to_go_on(tmp_path)
     assert line.endswith(f"free space on the checkpoint disk, then `strata train --resume {tmp_path}`"), line
     assert "--resume" not in closing_line({"exit_code": 0, "step": 8}, tmp_path)
     assert EXIT_STATUS[74] == "stopped: checkpoint saves failing (exit 74)"
+
+
+def test_the_progress_line_of_an_eval_between_log_steps_shows_no_throughput(capsys):
+    from engine.metrics import ProgressLine
+
+    progress = ProgressLine(total_steps=6, start_step=0)
+    progress.update(1, {"step": 2, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 1234.0})
+    progress.update(2, {"step": 3, "loss": 4.9, "lr": 1e-3, "val_loss": 5.1})
+    window, eval_only = capsys.readouterr().out.splitlines()
+    assert "1,234 tok/s" in window and "tok/s" not in eval_only and "val 5.1000" in eval_only

@@ -74,3 +74,15 @@ def test_generate_errors_are_one_line_exit_2(tmp_path, capsys):
     assert call(run_dir, "--ids", "--prompt", "999") == 2
     assert "outside the vocabulary" in capsys.readouterr().err
     assert call(tmp_path / "nowhere", "--ids", "--prompt", "1") == 2
+
+
+def test_generate_from_a_hugging_face_directory_equals_its_checkpoint(tmp_path, capsys):
+    from engine.export import export_hf
+
+    run_dir, model = write_run(tmp_path, "llama")
+    export_hf(run_dir, tmp_path / "hf")
+    assert call(tmp_path / "hf", "--ids", "--prompt", "5,9,13", "--max-new-tokens", 6, "--no-eos-stop") == 0
+    printed = [int(x) for x in capsys.readouterr().out.strip().split(",")]
+    assert printed == [5, 9, 13] + generate(model, [5, 9, 13], 6)
+    assert call(tmp_path / "hf", "--prompt", "hello", "--max-new-tokens", 3) == 0  # the directory's tokenizer.json
+    assert capsys.readouterr().out.startswith("hello")
