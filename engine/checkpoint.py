@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from engine.config import ConfigError
-from engine.dist import DistContext, all_reduce_sum, barrier
+from engine.dist import DistContext, all_gather_object, all_reduce_sum, barrier
 from engine.errors import CheckpointSaveError
 
 if TYPE_CHECKING:
@@ -484,10 +484,7 @@ class Checkpointer:
             stale_marker_error = self.mirror.unmark(step)
         with self._failing_together(step, tmp):
             listing = _fsync_tree(tmp) if self._tends_disk else {}
-        listings = [listing]
-        if self.ctx.distributed:
-            listings = [None] * self.ctx.world_size
-            dist.all_gather_object(listings, listing)
+        listings = all_gather_object(listing, self.ctx)
         self._uploading = _NodeUpload(step, tmp, {rel: size for part in listings for rel, size in part.items()})
         self.failed_in_a_row = 0
         if self._tends_disk:
@@ -516,10 +513,7 @@ class Checkpointer:
             self.mirror.wait()
             error = self.mirror.part_error
             shutil.rmtree(pending.tmp, ignore_errors=True)  # never loadable alone; the mirror has it (or not)
-        errors = [error]
-        if self.ctx.distributed:
-            errors = [None] * self.ctx.world_size
-            dist.all_gather_object(errors, error)
+        errors = all_gather_object(error, self.ctx)
         if self.ctx.is_main:
             failed = [f"rank {rank}: {err}" for rank, err in enumerate(errors) if err]
             if failed:
@@ -539,10 +533,7 @@ class Checkpointer:
             error = _first_line(err) + _free_space_note(self.root, err)
         if not all_reduce_sum(error is not None, self.ctx):
             return
-        errors = [error]
-        if self.ctx.distributed:
-            errors = [None] * self.ctx.world_size
-            dist.all_gather_object(errors, error)
+        errors = all_gather_object(error, self.ctx)
         if self._tends_disk:
             shutil.rmtree(tmp, ignore_errors=True)  # frees what the failed save took
         self.failed_in_a_row += 1

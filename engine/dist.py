@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,6 +74,15 @@ def all_reduce_sum(value: float | int, ctx: DistContext) -> float:
     tensor = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.all_reduce(tensor)
     return tensor.item()
+
+
+def all_gather_object(value: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's (picklable) `value`, by rank ([value] in a single process)."""
+    if not ctx.distributed:
+        return [value]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier(ctx: DistContext) -> None:
