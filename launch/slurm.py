@@ -507,4 +507,6 @@ def _task_main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_task_main(sys.argv[2:]) if sys.argv[1:2] == ["task"] else _task_main([]))
+    from launch.process_exit import run_and_exit
+
+    run_and_exit(lambda: _task_main(sys.argv[2:]) if sys.argv[1:2] == ["task"] else _task_main([]))
