@@ -39,9 +39,10 @@ def exit_code_of(stop: SystemExit) -> int:
     return 1
 
 
-def run_and_exit(main: Callable[[], int]) -> NoReturn:
-    """Runs `main` and ends the process with its return value as the exit status."""
-    if not is_rank(os.environ):
+def run_and_exit(main: Callable[[], int], as_rank: bool | None = None) -> NoReturn:
+    """Runs `main` and ends the process with its return value as the exit status; `as_rank`
+    None decides from the environment whether this process is a rank."""
+    if not (is_rank(os.environ) if as_rank is None else as_rank):
         sys.exit(main())
     faulthandler.enable()
     try:

@@ -197,4 +197,7 @@ if __name__ == "__main__":
     parser.add_argument("--record-out", required=True)
     parser.add_argument("--state-in")
     parser.add_argument("--state-out")
-    _worker(parser.parse_args())
+    from launch.process_exit import run_and_exit
+
+    arguments = parser.parse_args()
+    run_and_exit(lambda: _worker(arguments), as_rank=True)
