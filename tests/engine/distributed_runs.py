@@ -13,10 +13,10 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from engine.report import read_metrics
+from launch.process_exit import run_and_exit
 from tests.conftest import tiny_config
 
 STEP_TIMEOUT_S = 300
@@ -76,20 +76,7 @@ def _rank_main(rank: int, world_size: int, port: int, tree: dict | None, resume:
 
         return run_training(tree, overrides, resume).exit_code
 
-    _exit_with(train)
-
-
-def _exit_with(body) -> None:
-    """Ends this forked rank with body()'s exit code, or 1 (traceback printed) if it raised."""
-    code = 1
-    try:
-        code = body()
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    run_and_exit(train, as_rank=True)  # a forked rank ends through os._exit, whatever its world size
 
 
 class RankGroup:
@@ -157,7 +144,7 @@ def _function_rank_main(rank: int, size: int, port: int, fn, args: tuple, out_di
             dist.destroy_process_group()
         return 0
 
-    _exit_with(call)
+    run_and_exit(call, as_rank=True)
 
 
 def run_in_ranks(fn, size: int, out_dir: Path, *args, timeout: float = 180) -> list:
